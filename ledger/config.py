@@ -1,0 +1,60 @@
+"""Settings, read from the environment (one class for the whole service)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg.conninfo
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ledger.errors import ConfigurationError
+
+
+class Settings(BaseSettings):
+    """Where the service finds its infrastructure. Unset means: the embedded default."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    database_url: str | None = Field(
+        default=None,
+        description="libpq URL of PostgreSQL, e.g. postgresql://user:pw@host:5432/db. "
+        "Unset: a private PostgreSQL is started in data_dir.",
+    )
+    aether_data_dir: Path = Field(
+        default=Path(".aether"),
+        description="Folder for the embedded PostgreSQL and other local state.",
+    )
+    postgres_schema: str = Field(default="public", description="Schema holding the tables.")
+    postgres_pool_size: int = Field(default=4, ge=1, le=64)
+    ledger_shard: int = Field(default=0, ge=0, le=1023)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        try:
+            psycopg.conninfo.conninfo_to_dict(value)
+        except psycopg.ProgrammingError as e:
+            raise ValueError(f"DATABASE_URL is not a valid libpq URL: {e}") from e
+        return value
+
+
+def eventsourcing_env(database_url: str, schema: str, pool_size: int) -> dict[str, str]:
+    """Translate a libpq URL into the environment keys `eventsourcing` reads."""
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    if not params.get("dbname"):
+        raise ConfigurationError(f"DATABASE_URL names no database: {database_url!r}")
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(params["dbname"]),
+        "POSTGRES_HOST": str(params.get("host") or "localhost"),
+        "POSTGRES_PORT": str(params.get("port") or "5432"),
+        "POSTGRES_USER": str(params.get("user") or "postgres"),
+        "POSTGRES_PASSWORD": str(params.get("password") or ""),
+        "POSTGRES_SCHEMA": schema,
+        "POSTGRES_POOL_SIZE": str(pool_size),
+        "POSTGRES_MAX_OVERFLOW": "0",
+        "POSTGRES_CONNECT_TIMEOUT": "10",
+    }

@@ -1,0 +1,20 @@
+"""Named limits of the ledger. Every batch, queue, retry and size has its maximum here."""
+
+from __future__ import annotations
+
+AMOUNT_MAX = 2**128 - 1
+"""Largest amount and largest balance (u128, as in TigerBeetle); stored as NUMERIC(78,0)."""
+ASSET_LENGTH_MAX = 16
+TIMEOUT_S_MAX = 10 * 365 * 24 * 3600
+REFERENCES_COUNT_MAX = 8
+REFERENCE_KEY_LENGTH_MAX = 32
+REFERENCE_VALUE_LENGTH_MAX = 128
+
+BATCH_SIZE_MAX = 8_190
+"""Most transfers committed in one Postgres transaction (TigerBeetle's batch size)."""
+QUEUE_DEPTH_MAX = 64
+"""Most client requests waiting for the writer; submitters block beyond it."""
+COMMIT_RETRIES_MAX = 16
+"""Most times a batch is re-decided after losing a race to another writer."""
+CATCH_UP_PAGE_SIZE = 10_000
+"""Events read per query when a writer catches up with the log."""
