@@ -1,0 +1,59 @@
+"""Shared fixtures: a real PostgreSQL (DATABASE_URL, or a private one from pgserver)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ledger.config import eventsourcing_env
+from ledger.embedded import start_embedded_postgres
+from ledger.store import LedgerApplication
+from ledger.writer import LedgerWriter
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """DATABASE_URL when set (CI: the machine's PostgreSQL); else a private pgserver."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="aether-test-pg-") as folder:
+        os.chmod(folder, 0o755)
+        url, server = start_embedded_postgres(Path(folder))
+        yield url
+        server.cleanup()
+
+
+@pytest.fixture
+def schema(database_url: str) -> Iterator[str]:
+    """A fresh schema per test, dropped afterwards."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    yield name
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture
+def ledger_env(database_url: str, schema: str) -> dict[str, str]:
+    return eventsourcing_env(database_url, schema, pool_size=2)
+
+
+@pytest.fixture
+def ledger_app(ledger_env: dict[str, str]) -> Iterator[LedgerApplication]:
+    app = LedgerApplication(env=ledger_env)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def writer(ledger_app: LedgerApplication) -> LedgerWriter:
+    return LedgerWriter(ledger_app)
