@@ -34,11 +34,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger.config import eventsourcing_env  # noqa: E402
-from ledger.embedded import start_embedded_postgres  # noqa: E402
-from ledger.model import AccountFlags, NewAccount, NewTransfer, TransferOutcome  # noqa: E402
-from ledger.store import LedgerApplication  # noqa: E402
-from ledger.writer import LedgerWriter  # noqa: E402
+from ledger.config import eventsourcing_env
+from ledger.embedded import start_embedded_postgres
+from ledger.model import AccountFlags, NewAccount, NewTransfer, TransferOutcome
+from ledger.store import LedgerApplication
+from ledger.writer import LedgerWriter
 
 ASSET = "AETH"
 CODE_FUNDING = 1
@@ -142,20 +142,17 @@ def raw_copy_rate(url: str, schema: str, rows: list[tuple[uuid.UUID, int, str, b
             "originator_version bigint NOT NULL, topic text, state bytea, "
             "notification_id bigserial, PRIMARY KEY (originator_id, originator_version))"
         )
-        conn.execute(
-            f"CREATE UNIQUE INDEX ON {schema}.copy_reference (notification_id ASC)"
-        )
+        conn.execute(f"CREATE UNIQUE INDEX ON {schema}.copy_reference (notification_id ASC)")
         chunk = 8190
         started = time.perf_counter()
         for start in range(0, len(rows), chunk):
-            with conn.transaction(), conn.cursor() as curs:
-                with curs.copy(
-                    f"COPY {schema}.copy_reference "
-                    "(originator_id, originator_version, topic, state) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
-                    copy.set_types(["uuid", "int8", "text", "bytea"])
-                    for row in rows[start : start + chunk]:
-                        copy.write_row(row)
+            with conn.transaction(), conn.cursor() as curs, curs.copy(
+                f"COPY {schema}.copy_reference "
+                "(originator_id, originator_version, topic, state) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["uuid", "int8", "text", "bytea"])
+                for row in rows[start : start + chunk]:
+                    copy.write_row(row)
         return len(rows) / (time.perf_counter() - started)
 
 
@@ -190,7 +187,9 @@ def main() -> None:
             for start in range(0, len(accounts), 5000):
                 writer.open_accounts(
                     [
-                        NewAccount(a, ASSET, ACCOUNT_CODE_USER, AccountFlags.debits_must_not_exceed_credits)
+                        NewAccount(
+                            a, ASSET, ACCOUNT_CODE_USER, AccountFlags.debits_must_not_exceed_credits
+                        )
                         for a in accounts[start : start + 5000]
                     ]
                 )
@@ -202,7 +201,12 @@ def main() -> None:
                 )
             writer.start()
             ok, elapsed, rejected = run_workload(
-                writer, accounts, workload, args.seconds, args.clients, args.request_size,
+                writer,
+                accounts,
+                workload,
+                args.seconds,
+                args.clients,
+                args.request_size,
                 args.in_flight,
             )
             writer.stop()

@@ -26,9 +26,11 @@ def start_embedded_postgres(data_dir: Path) -> tuple[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = data_dir / "postgres"
     try:
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     except Exception as e:
-        raise StoreUnavailableError(f"could not start the embedded PostgreSQL in {pgdata}: {e}") from e
+        raise StoreUnavailableError(
+            f"could not start the embedded PostgreSQL in {pgdata}: {e}"
+        ) from e
     url = str(server.get_uri())
     log.info("embedded PostgreSQL running in %s", pgdata)
     return url, server

@@ -250,9 +250,7 @@ class BatchCommitted(LedgerEvent):
     """How many events this batch recorded besides this one."""
 
     @classmethod
-    def make(
-        cls, shard: int, batch_number: int, facts_count: int, at: datetime
-    ) -> BatchCommitted:
+    def make(cls, shard: int, batch_number: int, facts_count: int, at: datetime) -> BatchCommitted:
         return cast(
             BatchCommitted,
             _new(

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import IntEnum, IntFlag
+from typing import cast
 from uuid import UUID
 
 from ledger.limits import (
@@ -321,10 +322,10 @@ class LedgerState:
                 assert isinstance(key, _Pending) and isinstance(before, PendingStatus)
                 key.status = before
             elif kind == _UNDO_EXPIRY_PUSHED:
-                self._expiries.remove(key)  # type: ignore[arg-type]
+                self._expiries.remove(cast(tuple[datetime, UUID], key))
                 heapq.heapify(self._expiries)
             elif kind == _UNDO_EXPIRY_POPPED:
-                heapq.heappush(self._expiries, key)  # type: ignore[arg-type]
+                heapq.heappush(self._expiries, cast(tuple[datetime, UUID], key))
             elif kind == _UNDO_CLOCK:
                 assert before is None or isinstance(before, datetime)
                 self.last_recorded_at = before
@@ -442,7 +443,7 @@ class LedgerState:
         """Expire every pending transfer whose timeout passed at or before `now`."""
         expired: list[PendingExpiry] = []
         while self._expiries and self._expiries[0][0] <= now:
-            at, pending_id = self._expiries[0]
+            _at, pending_id = self._expiries[0]
             if self._pending[pending_id].status is PendingStatus.pending:
                 expiry = PendingExpiry(pending_id=pending_id, expired_at=self._tick(now))
                 self._apply_expiry(expiry)
@@ -468,8 +469,8 @@ class LedgerState:
         r = CreateAccountResult
         if command.id == NIL_ID:
             return r.id_must_not_be_zero
-        both = AccountFlags.debits_must_not_exceed_credits | AccountFlags.credits_must_not_exceed_debits
-        if command.flags & both == both:
+        both = _DEBITS_MUST_NOT_EXCEED_CREDITS | _CREDITS_MUST_NOT_EXCEED_DEBITS
+        if int(command.flags) & both == both:
             return r.flags_are_mutually_exclusive
         if not command.asset:
             return r.asset_must_not_be_empty
@@ -614,7 +615,7 @@ class LedgerState:
             amount=amount,
             asset=t.asset,
             code=t.code,
-            flags=flags,
+            flags=t.flags,
             pending_id=t.pending_id,
             timeout_s=t.timeout_s,
             references=t.references,

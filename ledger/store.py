@@ -37,7 +37,9 @@ class AppendOnlyRecorder(PostgresApplicationRecorder):
     over the log (a later issue) is what detects that kind of tampering.
     """
 
-    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
+    def __init__(
+        self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
+    ) -> None:
         super().__init__(datastore, events_table_name=events_table_name)
         schema = Identifier(self.datastore.schema)
         table = Identifier(self.events_table_name)

@@ -125,7 +125,9 @@ class LedgerWriter:
     def submit(self, transfers: Sequence[NewTransfer]) -> Future[list[TransferOutcome]]:
         """Queue transfers for the next group commit; blocks while the queue is full."""
         if len(transfers) > BATCH_SIZE_MAX:
-            raise ValueError(f"at most {BATCH_SIZE_MAX} transfers per request, got {len(transfers)}")
+            raise ValueError(
+                f"at most {BATCH_SIZE_MAX} transfers per request, got {len(transfers)}"
+            )
         if self._thread is None:
             raise WriterStoppedError("the writer's committer thread is not running; call start()")
         future: Future[list[TransferOutcome]] = Future()

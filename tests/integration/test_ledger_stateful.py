@@ -1,0 +1,714 @@
+"""Stateful property test: random ledger histories against the real writer and PostgreSQL.
+
+A hypothesis `RuleBasedStateMachine` drives a `LedgerWriter` (injected clock) on a fresh
+schema per run through random sequences of: opening accounts (two assets; unconstrained,
+debits_must_not_exceed_credits, credits_must_not_exceed_debits), single-phase transfers,
+pending transfers (some with a timeout), full and partial posts, voids, clock moves (forward
+so holds expire, and backward), expire_pending, linked chains (some poisoned so they fail
+part-way, some that post or void a hold created earlier in the same chain), writer restarts,
+and retries of earlier requests (identical, and with a different amount).
+
+Next to the writer runs `Model`: a small, separately written model of the books (plain dicts
+of balances, holds and transfers) that predicts every result code, every recorded_at and the
+number of events each request writes. After every step the machine checks:
+
+- per asset, sum(debits_posted) == sum(credits_posted) and sum(debits_pending) == sum(credits_pending);
+- no account breaks its balance constraint flag;
+- the model and the writer agree on every account, transfer and hold;
+- `replay(read_facts(app))` and a fresh `LedgerWriter(app)` rebuild exactly the live state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import psycopg
+from hypothesis import HealthCheck, event, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from ledger.config import eventsourcing_env
+from ledger.model import (
+    NIL_ID,
+    AccountFlags,
+    CreateAccountResult,
+    CreateTransferResult,
+    LedgerState,
+    NewAccount,
+    NewTransfer,
+    PendingStatus,
+    TransferFlags,
+    TransferOutcome,
+    replay,
+)
+from ledger.store import LedgerApplication
+from ledger.writer import LedgerWriter, read_facts
+
+R = CreateTransferResult
+LINKED = TransferFlags.linked
+PENDING = TransferFlags.pending
+POST = TransferFlags.post_pending_transfer
+VOID = TransferFlags.void_pending_transfer
+DMNEC = AccountFlags.debits_must_not_exceed_credits
+CMNED = AccountFlags.credits_must_not_exceed_debits
+ASSETS = ("AETH", "USDX")
+ACCOUNT_FLAGS = (AccountFlags.none, DMNEC, CMNED)
+TICK = timedelta(microseconds=1)
+START = datetime(2030, 1, 1, tzinfo=UTC)
+EFFECTIVE_AT = datetime(2029, 12, 31, 23, 59, 59, 123456, tzinfo=UTC)
+
+SETTINGS = settings(
+    max_examples=25,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+# -- the independent model ------------------------------------------------------------------
+
+
+@dataclass
+class MAccount:
+    asset: str
+    code: int
+    flags: AccountFlags
+    debits_pending: int = 0
+    debits_posted: int = 0
+    credits_pending: int = 0
+    credits_posted: int = 0
+
+    def balances(self) -> tuple[int, int, int, int]:
+        return (self.debits_pending, self.debits_posted, self.credits_pending, self.credits_posted)
+
+
+@dataclass
+class MTransfer:
+    command: NewTransfer
+    debit: UUID
+    credit: UUID
+    amount: int
+    recorded_at: datetime
+
+
+@dataclass
+class MHold:
+    debit: UUID
+    credit: UUID
+    amount: int
+    asset: str
+    code: int
+    expires_at: datetime | None
+    status: PendingStatus = PendingStatus.pending
+
+
+@dataclass
+class Model:
+    """What the books should hold, kept from the commands alone."""
+
+    accounts: dict[UUID, MAccount] = field(default_factory=dict)
+    transfers: dict[UUID, MTransfer] = field(default_factory=dict)
+    holds: dict[UUID, MHold] = field(default_factory=dict)
+    last: datetime | None = None
+    facts: int = 0
+    """Events (accounts, transfers, expiries) that should be in the log, BatchCommitted aside."""
+
+    def tick(self, now: datetime) -> datetime:
+        at = now if self.last is None or now > self.last else self.last + TICK
+        self.last = at
+        self.facts += 1
+        return at
+
+    def open(self, c: NewAccount, now: datetime) -> CreateAccountResult:
+        existing = self.accounts.get(c.id)
+        if existing is not None:
+            if existing.flags != c.flags:
+                return CreateAccountResult.exists_with_different_flags
+            if existing.asset != c.asset:
+                return CreateAccountResult.exists_with_different_asset
+            if existing.code != c.code:
+                return CreateAccountResult.exists_with_different_code
+            return CreateAccountResult.ok
+        self.tick(now)
+        self.accounts[c.id] = MAccount(c.asset, c.code, c.flags)
+        return CreateAccountResult.ok
+
+    def expire(self, now: datetime) -> None:
+        for hold in self.holds.values():
+            if (
+                hold.status is PendingStatus.pending
+                and hold.expires_at is not None
+                and hold.expires_at <= now
+            ):
+                hold.status = PendingStatus.expired
+                self.accounts[hold.debit].debits_pending -= hold.amount
+                self.accounts[hold.credit].credits_pending -= hold.amount
+                self.tick(now)
+
+    def create(self, commands: list[NewTransfer], now: datetime) -> list[tuple[R, datetime | None]]:
+        """Expected (result, recorded_at) per command; applies the accepted ones."""
+        self.expire(now)
+        out: list[tuple[R, datetime | None]] = []
+        chain_start: int | None = None
+        saved: Model | None = None
+        failed = False
+        for i, c in enumerate(commands):
+            linked = bool(c.flags & LINKED)
+            if chain_start is None and linked:
+                chain_start, saved, failed = i, copy.deepcopy(self), False
+            if failed:
+                answer: tuple[R, datetime | None] = (R.linked_event_failed, None)
+            elif linked and i == len(commands) - 1:
+                answer = (R.linked_event_chain_open, None)
+            else:
+                answer = self.decide(c, now)
+                if answer[0] is R.ok:
+                    out.append(answer)
+                    if chain_start is not None and not linked:
+                        chain_start = None
+                    continue
+            out.append(answer)
+            if chain_start is not None:
+                if not failed:
+                    failed = True
+                    assert saved is not None
+                    self.__dict__.update(saved.__dict__)  # the whole chain is undone
+                    for j in range(chain_start, i):
+                        out[j] = (R.linked_event_failed, None)
+                if not linked:
+                    chain_start = None
+        return out
+
+    def decide(self, c: NewTransfer, now: datetime) -> tuple[R, datetime | None]:
+        existing = self.transfers.get(c.id)
+        if existing is not None:
+            result = self.compare(c, existing)
+            return result, existing.recorded_at if result is R.ok else None
+        resolving = bool(c.flags & (POST | VOID))
+        debit_id, credit_id = c.debit_account_id, c.credit_account_id
+        hold = None
+        if resolving:
+            hold = self.holds.get(c.pending_id)
+            if hold is None:
+                if c.pending_id in self.transfers:
+                    return R.pending_transfer_not_pending, None
+                return R.pending_transfer_not_found, None
+            debit_id = hold.debit if debit_id == NIL_ID else debit_id
+            credit_id = hold.credit if credit_id == NIL_ID else credit_id
+        debit, credit = self.accounts.get(debit_id), self.accounts.get(credit_id)
+        if debit is None:
+            return R.debit_account_not_found, None
+        if credit is None:
+            return R.credit_account_not_found, None
+        if debit.asset != credit.asset:
+            return R.accounts_must_have_the_same_asset, None
+        if c.asset != debit.asset:
+            return R.transfer_must_have_the_same_asset_as_accounts, None
+        amount = c.amount
+        if hold is not None:
+            if debit_id != hold.debit:
+                return R.pending_transfer_has_different_debit_account_id, None
+            if credit_id != hold.credit:
+                return R.pending_transfer_has_different_credit_account_id, None
+            if c.asset != hold.asset:
+                return R.pending_transfer_has_different_asset, None
+            if c.code != hold.code:
+                return R.pending_transfer_has_different_code, None
+            if c.flags & POST:
+                if amount > hold.amount:
+                    return R.exceeds_pending_transfer_amount, None
+            elif amount not in (0, hold.amount):
+                return R.pending_transfer_has_different_amount, None
+            if hold.status is not PendingStatus.pending:
+                return {
+                    PendingStatus.posted: R.pending_transfer_already_posted,
+                    PendingStatus.voided: R.pending_transfer_already_voided,
+                    PendingStatus.expired: R.pending_transfer_expired,
+                }[hold.status], None
+            if c.flags & VOID:
+                amount = hold.amount
+        else:
+            if debit.flags & DMNEC and (
+                debit.debits_pending + debit.debits_posted + amount > debit.credits_posted
+            ):
+                return R.exceeds_credits, None
+            if credit.flags & CMNED and (
+                credit.credits_pending + credit.credits_posted + amount > credit.debits_posted
+            ):
+                return R.exceeds_debits, None
+
+        recorded_at = self.tick(now)
+        if c.flags & PENDING:
+            debit.debits_pending += amount
+            credit.credits_pending += amount
+            expires_at = recorded_at + timedelta(seconds=c.timeout_s) if c.timeout_s else None
+            self.holds[c.id] = MHold(debit_id, credit_id, amount, c.asset, c.code, expires_at)
+        elif hold is not None:
+            debit.debits_pending -= hold.amount
+            credit.credits_pending -= hold.amount
+            if c.flags & POST:
+                debit.debits_posted += amount
+                credit.credits_posted += amount
+                hold.status = PendingStatus.posted
+            else:
+                hold.status = PendingStatus.voided
+        else:
+            debit.debits_posted += amount
+            credit.credits_posted += amount
+        self.transfers[c.id] = MTransfer(c, debit_id, credit_id, amount, recorded_at)
+        return R.ok, recorded_at
+
+    @staticmethod
+    def compare(c: NewTransfer, e: MTransfer) -> R:
+        o = e.command
+        resolving = bool(c.flags & (POST | VOID))
+        if c.flags != o.flags:
+            return R.exists_with_different_flags
+        if c.debit_account_id != e.debit and not (resolving and c.debit_account_id == NIL_ID):
+            return R.exists_with_different_debit_account_id
+        if c.credit_account_id != e.credit and not (resolving and c.credit_account_id == NIL_ID):
+            return R.exists_with_different_credit_account_id
+        if c.amount != e.amount and not (c.flags & VOID and c.amount == 0):
+            return R.exists_with_different_amount
+        if c.pending_id != o.pending_id:
+            return R.exists_with_different_pending_id
+        if c.timeout_s != o.timeout_s:
+            return R.exists_with_different_timeout
+        if c.asset != o.asset:
+            return R.exists_with_different_asset
+        if c.code != o.code:
+            return R.exists_with_different_code
+        if c.references != o.references:
+            return R.exists_with_different_references
+        if c.effective_at is not None and c.effective_at != (o.effective_at or e.recorded_at):
+            return R.exists_with_different_effective_at
+        return R.ok
+
+
+# -- the machine ----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass(frozen=True)
+class Sent:
+    commands: tuple[NewTransfer, ...]
+    outcomes: tuple[TransferOutcome, ...]
+
+    @property
+    def all_ok(self) -> bool:
+        return bool(self.outcomes) and all(o.ok for o in self.outcomes)
+
+
+def balances_of(state: LedgerState) -> dict[UUID, tuple[int, int, int, int]]:
+    return {i: a.balances() for i, a in state.accounts.items()}
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    database_url: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.schema = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {self.schema}")
+        self.app = LedgerApplication(env=eventsourcing_env(self.database_url, self.schema, 2))
+        self.clock = Clock()
+        self.writer = LedgerWriter(self.app, clock=self.clock)
+        self.model = Model()
+        self.serial = 0
+        self.sent: list[Sent] = []
+        self.pending_ids: list[UUID] = []  # every pending command ever sent, accepted or not
+
+    def teardown(self) -> None:
+        self.app.close()
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {self.schema} CASCADE")
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def new_id(self, kind: int) -> UUID:
+        self.serial += 1
+        return UUID(int=(kind << 64) | self.serial)
+
+    def log_position(self) -> int:
+        return self.app.recorder.max_notification_id() or 0
+
+    def events_since(self, position: int) -> int:
+        return len(
+            self.app.recorder.select_notifications(
+                start=position, limit=10_000, inclusive_of_start=False
+            )
+        )
+
+    def expected_events(self, facts_before: int) -> int:
+        new_facts = self.model.facts - facts_before
+        return new_facts + 1 if new_facts else 0  # plus the batch's BatchCommitted
+
+    def due_expiries(self) -> int:
+        now = self.clock.now
+        return sum(
+            1
+            for h in self.model.holds.values()
+            if h.status is PendingStatus.pending and h.expires_at is not None and h.expires_at <= now
+        )
+
+    def open(self, commands: list[NewAccount]) -> list[CreateAccountResult]:
+        position, facts = self.log_position(), self.model.facts
+        expected = [self.model.open(c, self.clock.now) for c in commands]
+        results = self.writer.open_accounts(commands)
+        assert results == expected
+        assert self.events_since(position) == self.expected_events(facts)
+        return results
+
+    def submit(self, commands: list[NewTransfer]) -> list[TransferOutcome]:
+        note(f"at {self.clock.now.isoformat()} submit {commands}")
+        position, facts = self.log_position(), self.model.facts
+        expected = self.model.create(commands, self.clock.now)
+        outcomes = self.writer.create_transfers(commands)
+        note(f"  -> {[o.result.name for o in outcomes]}")
+        for o in outcomes:
+            event(f"result: {o.result.name}")
+        assert [o.id for o in outcomes] == [c.id for c in commands]
+        assert [(o.result, o.recorded_at) for o in outcomes] == expected
+        assert self.events_since(position) == self.expected_events(facts)
+        if commands:
+            self.sent.append(Sent(tuple(commands), tuple(outcomes)))
+        self.pending_ids.extend(c.id for c in commands if c.flags & PENDING)
+        return outcomes
+
+    def pairs(self, same_asset: bool) -> list[tuple[UUID, UUID]]:
+        accounts = self.model.accounts
+        return [
+            (d, c)
+            for d in accounts
+            for c in accounts
+            if d != c and (accounts[d].asset == accounts[c].asset) == same_asset
+        ]
+
+    def has_pair(self) -> bool:
+        return bool(self.pairs(same_asset=True))
+
+    def draw_plain(self, data: st.DataObject, *, pending: bool) -> NewTransfer:
+        cross = data.draw(st.integers(0, 19), label="cross-asset?") == 0 and self.pairs(False)
+        debit, credit = data.draw(st.sampled_from(self.pairs(same_asset=not cross)), label="pair")
+        timeout = 0
+        if pending:
+            timeout = data.draw(st.sampled_from([0, 0, 1, 2, 5, 30, 60]), label="timeout_s")
+        extras = data.draw(st.integers(0, 5), label="extras")
+        return NewTransfer(
+            id=self.new_id(2),
+            debit_account_id=debit,
+            credit_account_id=credit,
+            amount=data.draw(st.integers(1, 300), label="amount"),
+            asset=self.model.accounts[debit].asset,
+            code=data.draw(st.sampled_from([1, 2]), label="code"),
+            flags=PENDING if pending else TransferFlags.none,
+            timeout_s=timeout,
+            references=(("lease", f"L{self.serial}"), ("epoch", "7")) if extras == 1 else (),
+            effective_at=EFFECTIVE_AT if extras == 2 else None,
+        )
+
+    def draw_resolve(
+        self, data: st.DataObject, flag: TransferFlags, pending_id: UUID | None = None
+    ) -> NewTransfer:
+        if pending_id is None:
+            choice = data.draw(st.integers(0, 19), label="target")
+            if choice == 0:
+                pending_id = self.new_id(9)  # never existed
+            elif choice == 1 and self.model.transfers:
+                pending_id = data.draw(st.sampled_from(sorted(self.model.transfers)))
+            elif self.pending_ids:
+                pending_id = data.draw(st.sampled_from(self.pending_ids), label="pending")
+            else:
+                pending_id = self.new_id(9)
+        hold = self.model.holds.get(pending_id)
+        if hold is None:  # unknown to the model: no field matters, it must fail on lookup
+            pid = pending_id
+            return NewTransfer(self.new_id(3), NIL_ID, NIL_ID, 1, ASSETS[0], 1, flag, pid)
+        explicit = data.draw(st.integers(0, 9), label="accounts")
+        debit, credit = NIL_ID, NIL_ID
+        if explicit >= 6:
+            debit, credit = hold.debit, hold.credit
+        elif explicit == 0:
+            debit, credit = hold.credit, hold.debit  # the wrong way round
+        code = hold.code if data.draw(st.integers(0, 14), label="code?") else hold.code + 1
+        if flag & POST:
+            how = data.draw(st.sampled_from(["full", "full", "partial", "partial", "over"]))
+            amount = {
+                "full": hold.amount,
+                "partial": data.draw(st.integers(1, hold.amount), label="partial"),
+                "over": hold.amount + 1,
+            }[how]
+        else:
+            amount = data.draw(st.sampled_from([0, 0, hold.amount, hold.amount + 1]))
+        return NewTransfer(
+            self.new_id(3), debit, credit, amount, hold.asset, code, flag, pending_id
+        )
+
+    def draw_poison(self, data: st.DataObject) -> NewTransfer:
+        """A transfer that must fail (exceeds_credits, or post of an unknown hold)."""
+        constrained = [(d, c) for d, c in self.pairs(True) if self.model.accounts[d].flags & DMNEC]
+        if constrained and data.draw(st.booleans(), label="overdraw?"):
+            debit, credit = data.draw(st.sampled_from(constrained), label="overdraw")
+            a = self.model.accounts[debit]
+            available = a.credits_posted - a.debits_posted - a.debits_pending
+            return NewTransfer(
+                self.new_id(4), debit, credit, available + 10_000, a.asset, 1
+            )
+        return NewTransfer(
+            self.new_id(4), NIL_ID, NIL_ID, 1, ASSETS[0], 1, POST, self.new_id(9)
+        )
+
+    # -- rules: accounts --------------------------------------------------------------------
+
+    @initialize(
+        specs=st.lists(
+            st.tuples(st.sampled_from(ASSETS), st.sampled_from(ACCOUNT_FLAGS)),
+            min_size=2,
+            max_size=5,
+        )
+    )
+    def open_the_first_accounts(self, specs: list[tuple[str, AccountFlags]]) -> None:
+        # At least two unconstrained AETH accounts so money can start moving at once.
+        specs = [("AETH", AccountFlags.none), ("AETH", AccountFlags.none), *specs]
+        commands = [NewAccount(self.new_id(1), a, 1 + i % 3, f) for i, (a, f) in enumerate(specs)]
+        assert all(r is CreateAccountResult.ok for r in self.open(commands))
+
+    @rule(asset=st.sampled_from(ASSETS), flags=st.sampled_from(ACCOUNT_FLAGS))
+    def open_an_account(self, asset: str, flags: AccountFlags) -> None:
+        [result] = self.open([NewAccount(self.new_id(1), asset, 1, flags)])
+        assert result is CreateAccountResult.ok
+
+    @rule(data=st.data())
+    def reopen_an_account_identically_or_differently(self, data: st.DataObject) -> None:
+        account_id = data.draw(st.sampled_from(sorted(self.model.accounts)), label="account")
+        a = self.model.accounts[account_id]
+        how = data.draw(st.sampled_from(["same", "flags", "asset"]), label="reopen")
+        flags = a.flags if how != "flags" else ACCOUNT_FLAGS[(ACCOUNT_FLAGS.index(a.flags) + 1) % 3]
+        asset = a.asset if how != "asset" else ASSETS[(ASSETS.index(a.asset) + 1) % 2]
+        position = self.log_position()
+        [result] = self.open([NewAccount(account_id, asset, a.code, flags)])
+        assert result is {
+            "same": CreateAccountResult.ok,
+            "flags": CreateAccountResult.exists_with_different_flags,
+            "asset": CreateAccountResult.exists_with_different_asset,
+        }[how]
+        assert self.log_position() == position
+
+    # -- rules: transfers -------------------------------------------------------------------
+
+    @precondition(lambda self: self.has_pair())
+    @rule(data=st.data())
+    def make_a_single_phase_transfer(self, data: st.DataObject) -> None:
+        self.submit([self.draw_plain(data, pending=False)])
+
+    @precondition(lambda self: self.has_pair())
+    @rule(data=st.data())
+    def make_a_pending_transfer(self, data: st.DataObject) -> None:
+        self.submit([self.draw_plain(data, pending=True)])
+
+    @precondition(lambda self: bool(self.pending_ids))
+    @rule(data=st.data())
+    def post_a_pending_transfer(self, data: st.DataObject) -> None:
+        self.submit([self.draw_resolve(data, POST)])
+
+    @precondition(lambda self: bool(self.pending_ids))
+    @rule(data=st.data())
+    def void_a_pending_transfer(self, data: st.DataObject) -> None:
+        self.submit([self.draw_resolve(data, VOID)])
+
+    @precondition(lambda self: self.has_pair())
+    @rule(data=st.data())
+    def submit_a_linked_chain(self, data: st.DataObject) -> None:
+        size = data.draw(st.integers(2, 4), label="chain size")
+        chain: list[NewTransfer] = []
+        for _ in range(size):
+            kinds = ["plain", "plain", "pending", "poison"]
+            if self.pending_ids:
+                kinds += ["post", "void"]
+            if any(c.flags & PENDING for c in chain):
+                kinds += ["resolve_own", "resolve_own"]
+            kind = data.draw(st.sampled_from(kinds), label="member")
+            if kind == "plain":
+                chain.append(self.draw_plain(data, pending=False))
+            elif kind == "pending":
+                chain.append(self.draw_plain(data, pending=True))
+            elif kind == "poison":
+                chain.append(self.draw_poison(data))
+            elif kind in ("post", "void"):
+                chain.append(self.draw_resolve(data, POST if kind == "post" else VOID))
+            else:
+                own = [c for c in chain if c.flags & PENDING]
+                target = data.draw(st.sampled_from(own), label="own hold")
+                flag = data.draw(st.sampled_from([POST, VOID]), label="resolve")
+                amount = target.amount if flag & POST else 0
+                chain.append(
+                    NewTransfer(
+                        self.new_id(3), NIL_ID, NIL_ID, amount, target.asset, target.code,
+                        flag, target.id,
+                    )
+                )
+        open_end = data.draw(st.integers(0, 14), label="open end?") == 0
+        chain = [
+            dataclasses.replace(c, flags=c.flags | LINKED)
+            if i < size - 1 or open_end
+            else c
+            for i, c in enumerate(chain)
+        ]
+        before = [self.draw_plain(data, pending=False)] if data.draw(st.booleans()) else []
+        after = [self.draw_plain(data, pending=False)] if data.draw(st.booleans()) else []
+        outcomes = self.submit(before + chain + after)
+        inner = outcomes[len(before) : len(before) + size]
+        # All or nothing, whatever the model says.
+        assert all(o.ok for o in inner) or not any(o.ok for o in inner)
+        if open_end:
+            assert not any(o.ok for o in inner)
+
+    # -- rules: time ------------------------------------------------------------------------
+
+    @rule(seconds=st.sampled_from([1, 2, 3, 5, 10, 30, 61, 3600]))
+    def advance_the_clock(self, seconds: int) -> None:
+        self.clock.now += timedelta(seconds=seconds)
+
+    @rule(seconds=st.sampled_from([1, 5]))
+    def step_the_clock_back(self, seconds: int) -> None:
+        self.clock.now -= timedelta(seconds=seconds)
+
+    @rule()
+    def expire_pending_transfers(self) -> None:
+        due = self.due_expiries()
+        position = self.log_position()
+        assert self.submit([]) == []
+        assert self.writer.expire_pending() == []  # nothing left due
+        assert self.events_since(position) == (due + 1 if due else 0)
+
+    # -- rules: restarts and retries --------------------------------------------------------
+
+    @rule()
+    def restart_the_writer(self) -> None:
+        self.writer = LedgerWriter(self.app, clock=self.clock)
+
+    @precondition(lambda self: any(s.all_ok for s in self.sent))
+    @rule(data=st.data())
+    def retry_an_accepted_request_identically(self, data: st.DataObject) -> None:
+        sent = data.draw(st.sampled_from([s for s in self.sent if s.all_ok]), label="request")
+        due = self.due_expiries()
+        position = self.log_position()
+        outcomes = self.submit(list(sent.commands))
+        assert outcomes == list(sent.outcomes)  # ok, with the original recorded_at
+        assert self.events_since(position) == (due + 1 if due else 0)
+
+    @precondition(lambda self: bool(self.sent))
+    @rule(data=st.data())
+    def resend_an_earlier_request(self, data: st.DataObject) -> None:
+        sent = data.draw(st.sampled_from(self.sent), label="request")
+        self.submit(list(sent.commands))
+
+    @precondition(lambda self: any(s.all_ok for s in self.sent))
+    @rule(data=st.data(), delta=st.integers(1, 50))
+    def retry_an_accepted_transfer_with_a_different_amount(
+        self, data: st.DataObject, delta: int
+    ) -> None:
+        sent = data.draw(st.sampled_from([s for s in self.sent if s.all_ok]), label="request")
+        index = data.draw(st.integers(0, len(sent.commands) - 1), label="member")
+        original = sent.commands[index]
+        stored = self.model.transfers[original.id].amount
+        changed = dataclasses.replace(original, amount=max(stored, original.amount) + delta)
+        batch = [changed]
+        if changed.flags & LINKED:  # close the chain with its (identical) last member
+            batch.append(next(c for c in sent.commands[index:] if not c.flags & LINKED))
+        due = self.due_expiries()
+        position = self.log_position()
+        outcomes = self.submit(batch)
+        assert outcomes[0].result is R.exists_with_different_amount
+        assert outcomes[0].recorded_at is None
+        assert all(o.result is R.linked_event_failed for o in outcomes[1:])
+        assert self.events_since(position) == (due + 1 if due else 0)
+
+    # -- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def every_asset_balances(self) -> None:
+        sums: dict[str, list[int]] = {}
+        for a in self.writer.state.accounts.values():
+            s = sums.setdefault(a.asset, [0, 0, 0, 0])
+            for k, v in enumerate(a.balances()):
+                s[k] += v
+        for asset, (dp, dpo, cp, cpo) in sums.items():
+            assert dpo == cpo, f"{asset}: debits_posted {dpo} != credits_posted {cpo}"
+            assert dp == cp, f"{asset}: debits_pending {dp} != credits_pending {cp}"
+        for asset, (d, c) in self.writer.state.trial_balance().items():
+            assert d == c, asset
+
+    @invariant()
+    def no_account_breaks_its_balance_constraint(self) -> None:
+        for a in self.writer.state.accounts.values():
+            assert min(a.balances()) >= 0, a
+            if a.flags & DMNEC:
+                assert a.debits_pending + a.debits_posted <= a.credits_posted, a
+            if a.flags & CMNED:
+                assert a.credits_pending + a.credits_posted <= a.debits_posted, a
+
+    @invariant()
+    def the_writer_agrees_with_the_independent_model(self) -> None:
+        state = self.writer.state
+        assert state.accounts.keys() == self.model.accounts.keys()
+        for account_id, m in self.model.accounts.items():
+            a = state.accounts[account_id]
+            assert (a.asset, a.code, a.flags) == (m.asset, m.code, m.flags)
+            assert a.balances() == m.balances(), (account_id, a, m)
+        assert state.transfers.keys() == self.model.transfers.keys()
+        for transfer_id, mt in self.model.transfers.items():
+            t = state.transfers[transfer_id]
+            assert (t.debit_account_id, t.credit_account_id, t.amount, t.recorded_at) == (
+                mt.debit,
+                mt.credit,
+                mt.amount,
+                mt.recorded_at,
+            )
+        for hold_id, hold in self.model.holds.items():
+            assert state.pending_status(hold_id) is hold.status, hold_id
+        assert state.last_recorded_at == self.model.last
+
+    @invariant()
+    def the_stored_events_rebuild_exactly_the_live_state(self) -> None:
+        live = self.writer.state
+        for rebuilt in (replay(read_facts(self.app)), LedgerWriter(self.app).state):
+            assert rebuilt.accounts == live.accounts
+            assert balances_of(rebuilt) == balances_of(live)
+            assert rebuilt.transfers == live.transfers
+            assert {i: rebuilt.pending_status(i) for i in live.transfers} == {
+                i: live.pending_status(i) for i in live.transfers
+            }
+            assert {t.id for t in rebuilt.pending_holds()} == {t.id for t in live.pending_holds()}
+            assert rebuilt.last_recorded_at == live.last_recorded_at
+        fresh = LedgerWriter(self.app)
+        position = self.log_position()
+        assert (fresh.batch_number, fresh.position) == (self.writer.batch_number, position)
+        assert self.writer.position == position
+
+
+def test_random_ledger_histories_keep_the_books_balanced_and_replay_exactly(
+    database_url: str,
+) -> None:
+    LedgerMachine.database_url = database_url
+    run_state_machine_as_test(LedgerMachine, settings=SETTINGS)

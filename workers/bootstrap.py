@@ -1,0 +1,63 @@
+"""The composition root: builds the ledger from Settings (embedded default when unset)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from ledger.config import Settings, eventsourcing_env
+from ledger.embedded import start_embedded_postgres
+from ledger.errors import StoreUnavailableError
+from ledger.store import LedgerApplication
+from ledger.writer import LedgerWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ledger:
+    """What a process needs to use the ledger."""
+
+    settings: Settings
+    database_url: str
+    app: LedgerApplication
+    writer: LedgerWriter
+    embedded: bool
+
+
+@contextmanager
+def open_ledger(settings: Settings) -> Iterator[Ledger]:
+    """Connect to DATABASE_URL, or start the private PostgreSQL; build the ledger writer."""
+    server: Any = None
+    url = settings.database_url
+    if url is None:
+        url, server = start_embedded_postgres(settings.aether_data_dir)
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(
+                psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                    psycopg.sql.Identifier(settings.postgres_schema)
+                )
+            )
+    except psycopg.OperationalError as e:
+        raise StoreUnavailableError(f"cannot reach PostgreSQL at {_redact(url)}: {e}") from e
+    app = LedgerApplication(
+        env=eventsourcing_env(url, settings.postgres_schema, settings.postgres_pool_size)
+    )
+    try:
+        writer = LedgerWriter(app, shard=settings.ledger_shard)
+        yield Ledger(settings, url, app, writer, embedded=server is not None)
+    finally:
+        app.close()
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    params = psycopg.conninfo.conninfo_to_dict(url)
+    params.pop("password", None)
+    return " ".join(f"{k}={v}" for k, v in params.items())

@@ -1,0 +1,75 @@
+"""`aether`: the single entry point for every process and report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from ledger.config import Settings
+from ledger.errors import LedgerError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="aether",
+        description="aether-ledger: event-sourced settlement and ledger for GPU compute markets.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="run the demo on the embedded default (or DATABASE_URL) and print balances"
+    )
+    demo.set_defaults(run=_run_demo)
+
+    balances = commands.add_parser(
+        "trial-balance", help="print every account and the trial balance"
+    )
+    balances.add_argument("--as-of-position", type=int, default=None, metavar="N")
+    balances.set_defaults(run=_run_trial_balance)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"aether: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    try:
+        code: int = args.run(settings, args)
+    except LedgerError as e:
+        print(f"aether: {e}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _run_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(settings)
+
+
+def _run_trial_balance(settings: Settings, args: argparse.Namespace) -> int:
+    from ledger.queries import state_as_of
+    from workers.bootstrap import open_ledger
+    from workers.report import print_accounts
+
+    with open_ledger(settings) as ledger:
+        state = (
+            ledger.writer.state
+            if args.as_of_position is None
+            else state_as_of(ledger.app, position=args.as_of_position)
+        )
+        print_accounts(state, names={})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
