@@ -67,8 +67,8 @@ def _run_trial_balance(settings: Settings, args: argparse.Namespace) -> int:
             if args.as_of_position is None
             else state_as_of(ledger.app, position=args.as_of_position)
         )
-        print_accounts(state, names={})
-    return 0
+        balanced = print_accounts(state, names={})
+    return 0 if balanced else 3
 
 
 if __name__ == "__main__":
