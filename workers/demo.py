@@ -114,7 +114,7 @@ def run_demo(settings: Settings) -> int:
                 ],
             ),
             (
-                "alice tries to withdraw 600 AETH while 450 AETH are held",
+                "alice tries to withdraw 800 AETH while 450 AETH are held",
                 [
                     transfer(
                         "withdraw-1",

@@ -1214,7 +1214,6 @@ def test_a_chain_after_a_failed_chain_in_the_same_batch_is_judged_on_its_own(sta
 
 
 def test_a_chain_left_open_at_the_end_of_a_batch_fails_with_linked_event_chain_open(state):
-    before = snapshot(state)
     outcomes, facts = state.create_transfers(
         [
             xfer(1, BANK, BOB, 10),

@@ -1,0 +1,75 @@
+"""The `aether` CLI as a user drives it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def aether(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli_env(database_url: str, schema: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "POSTGRES_SCHEMA": schema,
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+    }
+
+
+def test_the_demo_settles_a_lease_and_prints_a_balanced_trial_balance(cli_env, tmp_path) -> None:
+    run = aether("demo", env=cli_env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "rejected: exceeds_credits" in out
+    assert "trial balance AETH: debits 1,600 = credits 1,600  (pending 0 = 0)  BALANCED" in out
+    assert "provider gpu-farm        provider_earnings                   0              285" in out
+    assert "alice: balance 700 AETH, available 700 AETH; log position 20" in out
+
+
+def test_running_the_demo_twice_moves_no_money_twice(cli_env, tmp_path) -> None:
+    first = aether("demo", env=cli_env, cwd=tmp_path)
+    second = aether("demo", env=cli_env, cwd=tmp_path)
+    assert first.returncode == second.returncode == 0, second.stderr
+    assert first.stdout == second.stdout  # same results, same balances, same log position
+
+
+def test_trial_balance_as_of_an_earlier_position_shows_the_ledger_as_it_stood(
+    cli_env, tmp_path
+) -> None:
+    assert aether("demo", env=cli_env, cwd=tmp_path).returncode == 0
+    # Position 8 is the batch record after the deposit: alice has 1,000 and nothing is held.
+    run = aether("trial-balance", "--as-of-position", "8", env=cli_env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "debits 1,000 = credits 1,000" in run.stdout
+    assert "BALANCED" in run.stdout
+
+
+def test_an_invalid_database_url_is_a_clear_configuration_error(tmp_path) -> None:
+    run = aether("demo", env={"DATABASE_URL": "postgresql://x@/db?nonsense=1"}, cwd=tmp_path)
+    assert run.returncode == 2
+    assert "DATABASE_URL is not a valid libpq URL" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_an_unreachable_database_is_reported_without_a_traceback(tmp_path) -> None:
+    run = aether(
+        "demo", env={"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/test"}, cwd=tmp_path
+    )
+    assert run.returncode == 1
+    assert "cannot reach PostgreSQL" in run.stderr
+    assert "Traceback" not in run.stderr
