@@ -120,7 +120,7 @@ def run_demo(settings: Settings) -> int:
                         "withdraw-1",
                         "consumer alice",
                         "chain custody",
-                        units(600),
+                        units(800),
                         TransferCode.withdrawal,
                     )
                 ],
