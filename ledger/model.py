@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import IntEnum, IntFlag
 from typing import cast
@@ -436,7 +436,7 @@ class LedgerState:
                             commands[earlier].id, CreateTransferResult.linked_event_failed
                         )
                 if not linked:
-                    chain_start = None
+                    chain_start, chain_failed = None, None
         return outcomes, facts
 
     def expire_pending(self, now: datetime) -> list[PendingExpiry]:
@@ -640,7 +640,8 @@ class LedgerState:
 
     def _apply_account(self, account: Account) -> None:
         self._see(account.opened_at)
-        self.accounts[account.id] = account
+        # The state owns its accounts: a fact handed out (or replayed) is never aliased.
+        self.accounts[account.id] = replace(account)
         self._undo.append((_UNDO_NEW_ACCOUNT, account.id, None))
 
     def _save_balances(self, account: Account) -> None:

@@ -1170,11 +1170,6 @@ def test_transfers_before_a_failed_chain_in_the_same_batch_still_apply(state):
     assert balances(state, BOB) == (0, 0, 0, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LedgerState.create_transfers never resets chain_failed when a failed chain "
-    "closes, so every later unlinked transfer in the batch gets linked_event_failed",
-)
 def test_a_transfer_after_a_failed_chain_in_the_same_batch_is_judged_on_its_own(state):
     outcomes, facts = state.create_transfers(
         [
@@ -1371,11 +1366,6 @@ def _state_view(state: LedgerState) -> tuple[object, ...]:
     return (*snapshot(state)[:3], state.last_recorded_at, state.trial_balance())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: open_accounts returns the live Account objects as facts; replay() stores "
-    "those same objects, so balances are counted twice and the original state is corrupted",
-)
 def test_replaying_the_facts_as_returned_reproduces_identical_balances():
     live, facts = _scenario()
     expected = _state_view(live)
