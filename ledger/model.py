@@ -408,10 +408,10 @@ class LedgerState:
             if chain_start is None and linked:
                 chain_start, chain_mark, chain_facts = index, self.mark(), len(facts)
                 chain_failed = None
-            if chain_failed is not None:
-                result = CreateTransferResult.linked_event_failed
-            elif linked and index == count - 1:
+            if linked and index == count - 1:
                 result = CreateTransferResult.linked_event_chain_open
+            elif chain_failed is not None:
+                result = CreateTransferResult.linked_event_failed
             else:
                 result, transfer = self._create_transfer(command, now)
                 if result is CreateTransferResult.ok:
