@@ -72,6 +72,23 @@ def run_demo(settings: Settings) -> int:
                 references=(("lease", "lease-1"),) if "lease-1" in name else (),
             )
 
+        settle_lease_1 = [
+            transfer(
+                "lease-1 usage",
+                "lease-1 escrow",
+                "provider gpu-farm",
+                units(285),
+                TransferCode.usage_charge,
+                flags=TransferFlags.linked,
+            ),
+            transfer(
+                "lease-1 fee",
+                "lease-1 escrow",
+                "protocol treasury",
+                units(15),
+                TransferCode.protocol_fee,
+            ),
+        ]
         steps: list[tuple[str, list[NewTransfer]]] = [
             (
                 "alice deposits 1,000 AETH on chain",
@@ -141,23 +158,7 @@ def run_demo(settings: Settings) -> int:
             ),
             (
                 "lease-1 settles, linked: 285 AETH to provider + 15 AETH fee",
-                [
-                    transfer(
-                        "lease-1 usage",
-                        "lease-1 escrow",
-                        "provider gpu-farm",
-                        units(285),
-                        TransferCode.usage_charge,
-                        flags=TransferFlags.linked,
-                    ),
-                    transfer(
-                        "lease-1 fee",
-                        "lease-1 escrow",
-                        "protocol treasury",
-                        units(15),
-                        TransferCode.protocol_fee,
-                    ),
-                ],
+                settle_lease_1,
             ),
             (
                 "lease-2 is cancelled before it starts: void the hold",
@@ -174,24 +175,8 @@ def run_demo(settings: Settings) -> int:
                 ],
             ),
             (
-                "retry the lease-1 usage charge (same id, same fields)",
-                [
-                    transfer(
-                        "lease-1 usage",
-                        "lease-1 escrow",
-                        "provider gpu-farm",
-                        units(285),
-                        TransferCode.usage_charge,
-                        flags=TransferFlags.linked,
-                    ),
-                    transfer(
-                        "lease-1 fee",
-                        "lease-1 escrow",
-                        "protocol treasury",
-                        units(15),
-                        TransferCode.protocol_fee,
-                    ),
-                ],
+                "retry the lease-1 settlement (same ids, same fields)",
+                settle_lease_1,
             ),
         ]
         for what, transfers in steps:

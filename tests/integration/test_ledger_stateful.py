@@ -40,6 +40,7 @@ from hypothesis.stateful import (
 )
 
 from ledger.config import eventsourcing_env
+from ledger.queries import read_facts
 from ledger.model import (
     NIL_ID,
     AccountFlags,
@@ -54,7 +55,7 @@ from ledger.model import (
     replay,
 )
 from ledger.store import LedgerApplication
-from ledger.writer import LedgerWriter, read_facts
+from ledger.writer import LedgerWriter
 
 R = CreateTransferResult
 LINKED = TransferFlags.linked
@@ -168,10 +169,10 @@ class Model:
             linked = bool(c.flags & LINKED)
             if chain_start is None and linked:
                 chain_start, saved, failed = i, copy.deepcopy(self), False
-            if failed:
-                answer: tuple[R, datetime | None] = (R.linked_event_failed, None)
-            elif linked and i == len(commands) - 1:
-                answer = (R.linked_event_chain_open, None)
+            if linked and i == len(commands) - 1:
+                answer: tuple[R, datetime | None] = (R.linked_event_chain_open, None)
+            elif failed:
+                answer = (R.linked_event_failed, None)
             else:
                 answer = self.decide(c, now)
                 if answer[0] is R.ok:
@@ -188,7 +189,7 @@ class Model:
                     for j in range(chain_start, i):
                         out[j] = (R.linked_event_failed, None)
                 if not linked:
-                    chain_start = None
+                    chain_start, failed = None, False
         return out
 
     def decide(self, c: NewTransfer, now: datetime) -> tuple[R, datetime | None]:
@@ -408,7 +409,7 @@ class LedgerMachine(RuleBasedStateMachine):
         return bool(self.pairs(same_asset=True))
 
     def draw_plain(self, data: st.DataObject, *, pending: bool) -> NewTransfer:
-        cross = data.draw(st.integers(0, 19), label="cross-asset?") == 0 and self.pairs(False)
+        cross = data.draw(st.integers(0, 19), label="cross-asset?") == 19 and self.pairs(False)
         debit, credit = data.draw(st.sampled_from(self.pairs(same_asset=not cross)), label="pair")
         timeout = 0
         if pending:
@@ -431,26 +432,29 @@ class LedgerMachine(RuleBasedStateMachine):
         self, data: st.DataObject, flag: TransferFlags, pending_id: UUID | None = None
     ) -> NewTransfer:
         if pending_id is None:
+            open_holds = [i for i, h in self.model.holds.items() if h.status is PendingStatus.pending]
             choice = data.draw(st.integers(0, 19), label="target")
-            if choice == 0:
-                pending_id = self.new_id(9)  # never existed
-            elif choice == 1 and self.model.transfers:
-                pending_id = data.draw(st.sampled_from(sorted(self.model.transfers)))
-            elif self.pending_ids:
-                pending_id = data.draw(st.sampled_from(self.pending_ids), label="pending")
+            if choice < 12 and open_holds:
+                pending_id = data.draw(st.sampled_from(open_holds), label="open hold")
+            elif choice < 16 and self.model.holds:
+                pending_id = data.draw(st.sampled_from(list(self.model.holds)), label="any hold")
+            elif choice < 18 and self.pending_ids:  # accepted or not
+                pending_id = data.draw(st.sampled_from(self.pending_ids), label="pending id")
+            elif choice < 19 and self.model.transfers:  # maybe not a pending transfer at all
+                pending_id = data.draw(st.sampled_from(list(self.model.transfers)), label="id")
             else:
-                pending_id = self.new_id(9)
+                pending_id = self.new_id(9)  # never existed
         hold = self.model.holds.get(pending_id)
         if hold is None:  # unknown to the model: no field matters, it must fail on lookup
             pid = pending_id
             return NewTransfer(self.new_id(3), NIL_ID, NIL_ID, 1, ASSETS[0], 1, flag, pid)
         explicit = data.draw(st.integers(0, 9), label="accounts")
         debit, credit = NIL_ID, NIL_ID
-        if explicit >= 6:
+        if 4 <= explicit <= 8:
             debit, credit = hold.debit, hold.credit
-        elif explicit == 0:
+        elif explicit == 9:
             debit, credit = hold.credit, hold.debit  # the wrong way round
-        code = hold.code if data.draw(st.integers(0, 14), label="code?") else hold.code + 1
+        code = hold.code if data.draw(st.integers(0, 14), label="code?") < 14 else hold.code + 1
         if flag & POST:
             how = data.draw(st.sampled_from(["full", "full", "partial", "partial", "over"]))
             amount = {
@@ -540,9 +544,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def submit_a_linked_chain(self, data: st.DataObject) -> None:
         size = data.draw(st.integers(2, 4), label="chain size")
+        # About a third of the chains get one member that must fail, anywhere in the chain.
+        poison_at = data.draw(st.integers(0, 3 * size - 1), label="poison at")
         chain: list[NewTransfer] = []
-        for _ in range(size):
-            kinds = ["plain", "plain", "pending", "poison"]
+        for i in range(size):
+            if i == poison_at:
+                chain.append(self.draw_poison(data))
+                continue
+            kinds = ["plain", "plain", "pending", "pending"]
             if self.pending_ids:
                 kinds += ["post", "void"]
             if any(c.flags & PENDING for c in chain):
@@ -552,8 +561,6 @@ class LedgerMachine(RuleBasedStateMachine):
                 chain.append(self.draw_plain(data, pending=False))
             elif kind == "pending":
                 chain.append(self.draw_plain(data, pending=True))
-            elif kind == "poison":
-                chain.append(self.draw_poison(data))
             elif kind in ("post", "void"):
                 chain.append(self.draw_resolve(data, POST if kind == "post" else VOID))
             else:
@@ -567,7 +574,7 @@ class LedgerMachine(RuleBasedStateMachine):
                         flag, target.id,
                     )
                 )
-        open_end = data.draw(st.integers(0, 14), label="open end?") == 0
+        open_end = data.draw(st.integers(0, 14), label="open end?") == 14
         chain = [
             dataclasses.replace(c, flags=c.flags | LINKED)
             if i < size - 1 or open_end
@@ -575,7 +582,12 @@ class LedgerMachine(RuleBasedStateMachine):
             for i, c in enumerate(chain)
         ]
         before = [self.draw_plain(data, pending=False)] if data.draw(st.booleans()) else []
-        after = [self.draw_plain(data, pending=False)] if data.draw(st.booleans()) else []
+        # A transfer after an open chain would close it: only a closed chain gets one.
+        after = (
+            [self.draw_plain(data, pending=False)]
+            if not open_end and data.draw(st.booleans())
+            else []
+        )
         outcomes = self.submit(before + chain + after)
         inner = outcomes[len(before) : len(before) + size]
         # All or nothing, whatever the model says.
