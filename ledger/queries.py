@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from uuid import UUID
 
@@ -9,6 +10,25 @@ from ledger.events import AccountOpened, BatchCommitted, LedgerEvent, TransferCr
 from ledger.limits import CATCH_UP_PAGE_SIZE
 from ledger.model import Account, Fact, LedgerState, replay
 from ledger.store import LedgerApplication
+
+
+def read_events(
+    app: LedgerApplication, *, after: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, LedgerEvent]]:
+    """The ledger's events after log position `after` (up to `stop`, inclusive), in log order,
+    with their positions; read CATCH_UP_PAGE_SIZE at a time."""
+    position = after
+    while True:
+        notifications = app.recorder.select_notifications(
+            start=position, limit=CATCH_UP_PAGE_SIZE, stop=stop, inclusive_of_start=False
+        )
+        for n in notifications:
+            position = n.id
+            event = app.mapper.to_domain_event(n)
+            if isinstance(event, LedgerEvent):
+                yield n.id, event
+        if len(notifications) < CATCH_UP_PAGE_SIZE:
+            return
 
 
 def read_facts(
@@ -20,34 +40,23 @@ def read_facts(
 ) -> list[Fact]:
     """The shard's facts in log order, up to a log position and/or a recorded time."""
     facts: list[Fact] = []
-    position = 0
     accounts: set[UUID] = set()
-    while True:
-        notifications = app.recorder.select_notifications(
-            start=position,
-            limit=CATCH_UP_PAGE_SIZE,
-            stop=stop_position,
-            inclusive_of_start=False,
-        )
-        for n in notifications:
-            event = app.mapper.to_domain_event(n)
-            position = n.id
-            if not isinstance(event, LedgerEvent) or isinstance(event, BatchCommitted):
+    for _position, event in read_events(app, stop=stop_position):
+        if isinstance(event, BatchCommitted):
+            continue
+        if stop_at is not None and event.timestamp > stop_at:
+            break
+        fact = event.to_fact()
+        if isinstance(event, AccountOpened):
+            assert isinstance(fact, Account)
+            if fact.shard != shard:
                 continue
-            if stop_at is not None and event.timestamp > stop_at:
-                return facts
-            fact = event.to_fact()
-            if isinstance(event, AccountOpened):
-                assert isinstance(fact, Account)
-                if fact.shard != shard:
-                    continue
-                accounts.add(fact.id)
-            elif isinstance(event, TransferCreated) and event.debit_account_id not in accounts:
-                continue
-            if fact is not None:
-                facts.append(fact)
-        if len(notifications) < CATCH_UP_PAGE_SIZE:
-            return facts
+            accounts.add(fact.id)
+        elif isinstance(event, TransferCreated) and event.debit_account_id not in accounts:
+            continue
+        if fact is not None:
+            facts.append(fact)
+    return facts
 
 
 def state_as_of(

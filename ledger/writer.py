@@ -40,6 +40,7 @@ from ledger.model import (
     Transfer,
     TransferOutcome,
 )
+from ledger.queries import read_events
 from ledger.queries import read_facts as read_facts  # TEMP re-export
 from ledger.store import LedgerApplication
 
@@ -242,20 +243,13 @@ class LedgerWriter:
 
     def _catch_up(self) -> None:
         """Apply every event committed after `position` (by us before a restart, or by others)."""
-        recorder = self.app.recorder
-        mapper = self.app.mapper
-        while True:
-            notifications = recorder.select_notifications(
-                start=self.position, limit=CATCH_UP_PAGE_SIZE, inclusive_of_start=False
-            )
-            for n in notifications:
-                event = mapper.to_domain_event(n)
-                self._apply_event(event)
-                self.position = n.id
-            self.state.commit()
-            gc.freeze()
-            if len(notifications) < CATCH_UP_PAGE_SIZE:
-                return
+        for count, (position, event) in enumerate(read_events(self.app, after=self.position), 1):
+            self._apply_event(event)
+            self.position = position
+            if count % CATCH_UP_PAGE_SIZE == 0:
+                self.state.commit()  # keep the undo log short: replayed facts stay
+        self.state.commit()
+        gc.freeze()
 
     def _apply_event(self, event: Any) -> None:
         if isinstance(event, BatchCommitted):
