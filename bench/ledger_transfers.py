@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--request-size", type=int, default=200)
-    parser.add_argument("--in-flight", type=int, default=2, help="requests per client")
+    parser.add_argument("--in-flight", type=int, default=4, help="requests per client")
     args = parser.parse_args()
 
     url = os.environ.get("DATABASE_URL")

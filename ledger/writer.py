@@ -41,7 +41,6 @@ from ledger.model import (
     TransferOutcome,
 )
 from ledger.queries import read_events
-from ledger.queries import read_facts as read_facts  # TEMP re-export
 from ledger.store import LedgerApplication
 
 log = logging.getLogger(__name__)

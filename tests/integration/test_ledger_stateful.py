@@ -40,7 +40,6 @@ from hypothesis.stateful import (
 )
 
 from ledger.config import eventsourcing_env
-from ledger.queries import read_facts
 from ledger.model import (
     NIL_ID,
     AccountFlags,
@@ -54,6 +53,7 @@ from ledger.model import (
     TransferOutcome,
     replay,
 )
+from ledger.queries import read_facts
 from ledger.store import LedgerApplication
 from ledger.writer import LedgerWriter
 
@@ -405,6 +405,9 @@ class LedgerMachine(RuleBasedStateMachine):
             if d != c and (accounts[d].asset == accounts[c].asset) == same_asset
         ]
 
+    def open_holds(self) -> list[UUID]:
+        return [i for i, h in self.model.holds.items() if h.status is PendingStatus.pending]
+
     def has_pair(self) -> bool:
         return bool(self.pairs(same_asset=True))
 
@@ -413,13 +416,13 @@ class LedgerMachine(RuleBasedStateMachine):
         debit, credit = data.draw(st.sampled_from(self.pairs(same_asset=not cross)), label="pair")
         timeout = 0
         if pending:
-            timeout = data.draw(st.sampled_from([0, 0, 1, 2, 5, 30, 60]), label="timeout_s")
+            timeout = data.draw(st.sampled_from([0, 0, 0, 1, 2, 5, 30, 600]), label="timeout_s")
         extras = data.draw(st.integers(0, 5), label="extras")
         return NewTransfer(
             id=self.new_id(2),
             debit_account_id=debit,
             credit_account_id=credit,
-            amount=data.draw(st.integers(1, 300), label="amount"),
+            amount=self.draw_amount(data, debit, credit),
             asset=self.model.accounts[debit].asset,
             code=data.draw(st.sampled_from([1, 2]), label="code"),
             flags=PENDING if pending else TransferFlags.none,
@@ -428,15 +431,29 @@ class LedgerMachine(RuleBasedStateMachine):
             effective_at=EFFECTIVE_AT if extras == 2 else None,
         )
 
+    def draw_amount(self, data: st.DataObject, debit: UUID, credit: UUID) -> int:
+        """Mostly small amounts; sometimes exactly the room a constrained account has left,
+        or one more than that."""
+        d, c = self.model.accounts[debit], self.model.accounts[credit]
+        rooms = []
+        if d.flags & DMNEC:
+            rooms.append(d.credits_posted - d.debits_posted - d.debits_pending)
+        if c.flags & CMNED:
+            rooms.append(c.debits_posted - c.credits_posted - c.credits_pending)
+        how = data.draw(st.sampled_from(["any", "any", "room", "room + 1"]), label="amount?")
+        if rooms and min(rooms) > 0 and how != "any":
+            return min(rooms) + (how == "room + 1")
+        return data.draw(st.integers(1, 300), label="amount")
+
     def draw_resolve(
         self, data: st.DataObject, flag: TransferFlags, pending_id: UUID | None = None
     ) -> NewTransfer:
         if pending_id is None:
-            open_holds = [i for i, h in self.model.holds.items() if h.status is PendingStatus.pending]
+            open_holds = self.open_holds()
             choice = data.draw(st.integers(0, 19), label="target")
-            if choice < 12 and open_holds:
+            if choice < 14 and open_holds:
                 pending_id = data.draw(st.sampled_from(open_holds), label="open hold")
-            elif choice < 16 and self.model.holds:
+            elif choice < 17 and self.model.holds:
                 pending_id = data.draw(st.sampled_from(list(self.model.holds)), label="any hold")
             elif choice < 18 and self.pending_ids:  # accepted or not
                 pending_id = data.draw(st.sampled_from(self.pending_ids), label="pending id")
@@ -530,15 +547,23 @@ class LedgerMachine(RuleBasedStateMachine):
     def make_a_pending_transfer(self, data: st.DataObject) -> None:
         self.submit([self.draw_plain(data, pending=True)])
 
-    @precondition(lambda self: bool(self.pending_ids))
+    @precondition(lambda self: bool(self.open_holds()))
     @rule(data=st.data())
     def post_a_pending_transfer(self, data: st.DataObject) -> None:
-        self.submit([self.draw_resolve(data, POST)])
+        target = data.draw(st.sampled_from(self.open_holds()), label="open hold")
+        self.submit([self.draw_resolve(data, POST, target)])
 
-    @precondition(lambda self: bool(self.pending_ids))
+    @precondition(lambda self: bool(self.open_holds()))
     @rule(data=st.data())
     def void_a_pending_transfer(self, data: st.DataObject) -> None:
-        self.submit([self.draw_resolve(data, VOID)])
+        target = data.draw(st.sampled_from(self.open_holds()), label="open hold")
+        self.submit([self.draw_resolve(data, VOID, target)])
+
+    @precondition(lambda self: bool(self.pending_ids))
+    @rule(data=st.data(), flag=st.sampled_from([POST, VOID]))
+    def post_or_void_any_earlier_transfer(self, data: st.DataObject, flag: TransferFlags) -> None:
+        """Resolved, expired, rejected, not pending at all, or never sent."""
+        self.submit([self.draw_resolve(data, flag)])
 
     @precondition(lambda self: self.has_pair())
     @rule(data=st.data())
@@ -600,6 +625,21 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([1, 2, 3, 5, 10, 30, 61, 3600]))
     def advance_the_clock(self, seconds: int) -> None:
         self.clock.now += timedelta(seconds=seconds)
+
+    def timeouts(self) -> list[datetime]:
+        holds = self.model.holds.values()
+        return sorted(h.expires_at for h in holds if h.expires_at and h.status is PendingStatus.pending)
+
+    @precondition(lambda self: bool(self.timeouts()))
+    @rule(data=st.data(), early=st.booleans(), expire=st.booleans())
+    def set_the_clock_to_the_edge_of_a_timeout(
+        self, data: st.DataObject, early: bool, expire: bool
+    ) -> None:
+        """Exactly when a hold expires (it expires), or a microsecond before (it does not)."""
+        edge = data.draw(st.sampled_from(self.timeouts()), label="expires_at")
+        self.clock.now = edge - TICK if early else edge
+        if expire:
+            self.expire_pending_transfers()
 
     @rule(seconds=st.sampled_from([1, 5]))
     def step_the_clock_back(self, seconds: int) -> None:
