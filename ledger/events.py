@@ -19,8 +19,11 @@ from ledger.model import (
     NIL_ID,
     Account,
     AccountFlags,
+    CreateTransferResult,
     Fact,
+    NewTransfer,
     PendingExpiry,
+    Rejection,
     Transfer,
     TransferFlags,
 )
@@ -200,6 +203,76 @@ class TransferCreated(LedgerEvent):
         )
 
 
+class TransferRejected(LedgerEvent):
+    """A transfer was refused for a reason that depended on the ledger's state; its id is
+    spent, so a retry gets the same answer. Stream: the transfer id, version 1.
+
+    State: the command's fields (as in TransferCreated; `effective_at` only when given) and
+    `result`, the name of the CreateTransferResult.
+    """
+
+    transfer: NewTransfer
+    result: str
+
+    @classmethod
+    def from_fact(cls, rejection: Rejection) -> TransferRejected:
+        return cast(
+            TransferRejected,
+            _new(
+                cls,
+                {
+                    "originator_id": rejection.transfer.id,
+                    "originator_version": 1,
+                    "timestamp": rejection.recorded_at,
+                    "transfer": rejection.transfer,
+                    "result": rejection.result.name,
+                },
+            ),
+        )
+
+    def to_state(self) -> State:
+        return stored_state_of(self.to_fact())[3]
+
+    @classmethod
+    def from_state(cls, originator_id: UUID, originator_version: int, state: State) -> Self:
+        pending_id = state.get("pending_id")
+        references = state.get("references")
+        effective_at = state.get("effective_at")
+        transfer = NewTransfer(
+            id=originator_id,
+            debit_account_id=UUID(state["debit_account_id"]),
+            credit_account_id=UUID(state["credit_account_id"]),
+            amount=int(state["amount"]),
+            asset=state["asset"],
+            code=state["code"],
+            flags=TransferFlags(state.get("flags", 0)),
+            pending_id=NIL_ID if pending_id is None else UUID(pending_id),
+            timeout_s=state.get("timeout_s", 0),
+            references=() if references is None else tuple((k, v) for k, v in references),
+            effective_at=None if effective_at is None else datetime.fromisoformat(effective_at),
+        )
+        return cast(
+            Self,
+            _new(
+                cls,
+                {
+                    "originator_id": originator_id,
+                    "originator_version": originator_version,
+                    "timestamp": datetime.fromisoformat(state["timestamp"]),
+                    "transfer": transfer,
+                    "result": state["result"],
+                },
+            ),
+        )
+
+    def to_fact(self) -> Rejection:
+        return Rejection(
+            transfer=self.transfer,
+            result=CreateTransferResult[self.result],
+            recorded_at=self.timestamp,
+        )
+
+
 class PendingTransferExpired(LedgerEvent):
     """A pending transfer's timeout passed. Stream: the pending transfer id, version 2."""
 
@@ -307,6 +380,28 @@ def stored_state_of(fact: Fact) -> tuple[UUID, int, type[LedgerEvent], State]:
         if fact.effective_at != fact.recorded_at:
             state["effective_at"] = fact.effective_at
         return fact.id, 1, TransferCreated, state
+    if isinstance(fact, Rejection):
+        t = fact.transfer
+        state = {
+            "timestamp": fact.recorded_at,
+            "result": fact.result.name,
+            "debit_account_id": t.debit_account_id,
+            "credit_account_id": t.credit_account_id,
+            "amount": str(t.amount),
+            "asset": t.asset,
+            "code": t.code,
+        }
+        if t.flags:
+            state["flags"] = int(t.flags)
+        if t.pending_id.int:
+            state["pending_id"] = t.pending_id
+        if t.timeout_s:
+            state["timeout_s"] = t.timeout_s
+        if t.references:
+            state["references"] = t.references
+        if t.effective_at is not None:
+            state["effective_at"] = t.effective_at
+        return t.id, 1, TransferRejected, state
     event = event_for(fact)
     return event.originator_id, event.originator_version, type(event), event.to_state()
 
@@ -317,4 +412,6 @@ def event_for(fact: Fact) -> LedgerEvent:
         return TransferCreated.from_fact(fact)
     if isinstance(fact, Account):
         return AccountOpened.from_fact(fact)
+    if isinstance(fact, Rejection):
+        return TransferRejected.from_fact(fact)
     return PendingTransferExpired.from_fact(fact)

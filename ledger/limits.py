@@ -18,3 +18,5 @@ COMMIT_RETRIES_MAX = 16
 """Most times a batch is re-decided after losing a race to another writer."""
 CATCH_UP_PAGE_SIZE = 10_000
 """Events read per query when a writer catches up with the log."""
+PIPELINE_DEPTH_MAX = 2
+"""Most batches decided but not yet committed: one committing while the next is decided."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import IntEnum, IntFlag
 from typing import cast
@@ -167,6 +167,13 @@ class Account:
     debits_posted: int = 0
     credits_pending: int = 0
     credits_posted: int = 0
+    debits_limited: bool = field(init=False, repr=False, compare=False)
+    """Cached: flags has debits_must_not_exceed_credits (an IntFlag test costs microseconds)."""
+    credits_limited: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.debits_limited = bool(int(self.flags) & _DEBITS_MUST_NOT_EXCEED_CREDITS)
+        self.credits_limited = bool(int(self.flags) & _CREDITS_MUST_NOT_EXCEED_DEBITS)
 
     @property
     def balance(self) -> int:
@@ -247,7 +254,8 @@ class TransferOutcome:
     id: UUID
     result: CreateTransferResult
     recorded_at: datetime | None = None
-    """Set when result is ok: when the ledger recorded the (original) transfer."""
+    """When the ledger recorded the (original) transfer, or its rejection when the rejection
+    depended on the ledger's state (see `Rejection`); None for other rejections."""
 
     @property
     def ok(self) -> bool:
@@ -268,8 +276,37 @@ class _Pending:
     status: PendingStatus
 
 
-Fact = Account | Transfer | PendingExpiry
-"""What the state machine records: an opened account, an accepted transfer, an expiry."""
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Fact: a transfer was refused for a reason that depended on the ledger's state at the
+    time (an account or pending transfer not found, a balance limit, an overflow).
+
+    It is recorded so that a retry of the same transfer gets the same answer later, even
+    after the state changed: the id is spent. Other rejections depend only on the command
+    and the immutable history, so they repeat by themselves and are not recorded.
+    """
+
+    transfer: NewTransfer
+    result: CreateTransferResult
+    recorded_at: datetime
+
+
+TRANSIENT_RESULTS = frozenset(
+    {
+        CreateTransferResult.debit_account_not_found,
+        CreateTransferResult.credit_account_not_found,
+        CreateTransferResult.pending_transfer_not_found,
+        CreateTransferResult.overflows_debits,
+        CreateTransferResult.overflows_credits,
+        CreateTransferResult.exceeds_credits,
+        CreateTransferResult.exceeds_debits,
+    }
+)
+"""Rejections that depend on the ledger's state; recorded as `Rejection` facts."""
+
+Fact = Account | Transfer | PendingExpiry | Rejection
+"""What the state machine records: an opened account, an accepted transfer, an expiry, a
+rejection that depended on the state."""
 
 
 class LedgerState:
@@ -283,25 +320,37 @@ class LedgerState:
     def __init__(self) -> None:
         self.accounts: dict[UUID, Account] = {}
         self.transfers: dict[UUID, Transfer] = {}
+        self.rejected: dict[UUID, Rejection] = {}
+        """Transfers refused for a state-dependent reason; their ids are spent."""
         self._pending: dict[UUID, _Pending] = {}
         self._expiries: list[tuple[datetime, UUID]] = []
         self.last_recorded_at: datetime | None = None
         # Undo log since the last commit(): (kind, key, value before), newest last.
         self._undo: list[tuple[int, object, object]] = []
+        self._undo_base = 0
+        """How many undo entries were released so far: mark() positions are absolute."""
 
     # -- undo log -------------------------------------------------------------------
 
     def mark(self) -> int:
         """Start (or nest) a unit that may be rolled back; returns its position."""
-        return len(self._undo)
+        return self._undo_base + len(self._undo)
+
+    def release(self, position: int) -> None:
+        """Keep for good what was applied before `position` (a value returned by mark())."""
+        del self._undo[: position - self._undo_base]
+        self._undo_base = max(self._undo_base, position)
 
     def commit(self) -> None:
-        """Forget the undo log: what was applied stays."""
-        self._undo.clear()
+        """Keep for good everything applied so far."""
+        self.release(self.mark())
 
-    def rollback(self, position: int = 0) -> None:
-        """Undo everything applied since `position` (a value returned by mark())."""
-        while len(self._undo) > position:
+    def rollback(self, position: int | None = None) -> None:
+        """Undo everything applied since `position` (a value returned by mark()), or since
+        the last commit()."""
+        keep = 0 if position is None else position - self._undo_base
+        assert keep >= 0, "cannot roll back past what was released"
+        while len(self._undo) > keep:
             kind, key, before = self._undo.pop()
             if kind == _UNDO_BALANCES:
                 assert isinstance(key, Account) and isinstance(before, tuple)
@@ -314,6 +363,9 @@ class LedgerState:
             elif kind == _UNDO_NEW_ACCOUNT:
                 assert isinstance(key, UUID)
                 del self.accounts[key]
+            elif kind == _UNDO_NEW_REJECTION:
+                assert isinstance(key, UUID)
+                del self.rejected[key]
             elif kind == _UNDO_NEW_TRANSFER:
                 assert isinstance(key, UUID)
                 del self.transfers[key]
@@ -424,7 +476,7 @@ class LedgerState:
                     if chain_start is not None and not linked:
                         chain_start = None  # chain closed, all applied
                     continue
-            outcomes.append(TransferOutcome(command.id, result))
+            outcomes.append(self._rejected(command, result, now, facts))
             if chain_start is not None:
                 if chain_failed is None:
                     chain_failed = result
@@ -435,9 +487,27 @@ class LedgerState:
                         outcomes[earlier] = TransferOutcome(
                             commands[earlier].id, CreateTransferResult.linked_event_failed
                         )
+                    if result in TRANSIENT_RESULTS:  # its rejection was undone with the chain
+                        outcomes[index] = self._rejected(command, result, now, facts)
                 if not linked:
                     chain_start, chain_failed = None, None
         return outcomes, facts
+
+    def _rejected(
+        self, command: NewTransfer, result: CreateTransferResult, now: datetime, facts: list[Fact]
+    ) -> TransferOutcome:
+        """The outcome of a rejection; records it when it depended on the state."""
+        earlier = self.rejected.get(command.id)
+        if earlier is not None:
+            if result is earlier.result:  # a retry: the original answer
+                return TransferOutcome(command.id, result, earlier.recorded_at)
+            return TransferOutcome(command.id, result)
+        if result not in TRANSIENT_RESULTS:
+            return TransferOutcome(command.id, result)
+        rejection = Rejection(command, result, self._tick(now))
+        self._apply_rejection(rejection)
+        facts.append(rejection)
+        return TransferOutcome(command.id, result, rejection.recorded_at)
 
     def expire_pending(self, now: datetime) -> list[PendingExpiry]:
         """Expire every pending transfer whose timeout passed at or before `now`."""
@@ -454,12 +524,26 @@ class LedgerState:
 
     # -- replay -----------------------------------------------------------------------
 
+    def owns(self, fact: Fact, shard: int) -> bool:
+        """Whether a fact read from a log shared by several shards belongs to this state."""
+        if isinstance(fact, Account):
+            return fact.shard == shard
+        if isinstance(fact, Transfer):
+            return fact.debit_account_id in self.accounts
+        if isinstance(fact, Rejection):
+            return fact.transfer.debit_account_id in self.accounts
+        return fact.pending_id in self.transfers
+
     def apply(self, fact: Fact) -> None:
         """Apply a fact read back from the log (already validated when it was decided)."""
         if isinstance(fact, Transfer):
-            self._apply_transfer(fact)
+            self._apply_transfer(
+                fact, self.accounts[fact.debit_account_id], self.accounts[fact.credit_account_id]
+            )
         elif isinstance(fact, Account):
             self._apply_account(fact)
+        elif isinstance(fact, Rejection):
+            self._apply_rejection(fact)
         else:
             self._apply_expiry(fact)
 
@@ -467,7 +551,7 @@ class LedgerState:
 
     def _check_account(self, command: NewAccount) -> CreateAccountResult:
         r = CreateAccountResult
-        if command.id == NIL_ID:
+        if not command.id.int:
             return r.id_must_not_be_zero
         both = _DEBITS_MUST_NOT_EXCEED_CREDITS | _CREDITS_MUST_NOT_EXCEED_DEBITS
         if int(command.flags) & both == both:
@@ -497,24 +581,24 @@ class LedgerState:
         r = CreateTransferResult
         flags = int(t.flags)
         resolving = bool(flags & _RESOLVE_FLAGS)
-        if t.id == NIL_ID:
+        if not t.id.int:
             return r.id_must_not_be_zero, None
         two_phase = flags & _TWO_PHASE_FLAGS
         if two_phase & (two_phase - 1):
             return r.flags_are_mutually_exclusive, None
         if not resolving:
-            if t.debit_account_id == NIL_ID:
+            if not t.debit_account_id.int:
                 return r.debit_account_id_must_not_be_zero, None
-            if t.credit_account_id == NIL_ID:
+            if not t.credit_account_id.int:
                 return r.credit_account_id_must_not_be_zero, None
-            if t.debit_account_id == t.credit_account_id:
+            if t.debit_account_id.int == t.credit_account_id.int:
                 return r.accounts_must_be_different, None
-            if t.pending_id != NIL_ID:
+            if t.pending_id.int:
                 return r.pending_id_must_be_zero, None
         else:
-            if t.pending_id == NIL_ID:
+            if not t.pending_id.int:
                 return r.pending_id_must_not_be_zero, None
-            if t.pending_id == t.id:
+            if t.pending_id.int == t.id.int:
                 return r.pending_id_must_be_different, None
         if t.timeout_s != 0:
             if not flags & _PENDING:
@@ -531,15 +615,23 @@ class LedgerState:
             return r.asset_must_not_be_empty, None
         if t.code == 0:
             return r.code_must_not_be_zero, None
-        if len(t.references) > REFERENCES_COUNT_MAX or any(
-            len(k) > REFERENCE_KEY_LENGTH_MAX or len(v) > REFERENCE_VALUE_LENGTH_MAX
-            for k, v in t.references
+        if t.references and (
+            len(t.references) > REFERENCES_COUNT_MAX
+            or any(
+                len(k) > REFERENCE_KEY_LENGTH_MAX or len(v) > REFERENCE_VALUE_LENGTH_MAX
+                for k, v in t.references
+            )
         ):
             return r.references_exceed_max, None
 
         existing = self.transfers.get(t.id)
         if existing is not None:
             return _compare_existing(t, existing), None
+        if self.rejected:
+            refused = self.rejected.get(t.id)
+            if refused is not None:
+                code = _compare_command(t, refused.transfer)
+                return (refused.result if code is r.ok else code), None
 
         pending: _Pending | None = None
         debit_account_id, credit_account_id = t.debit_account_id, t.credit_account_id
@@ -551,9 +643,9 @@ class LedgerState:
                 return r.pending_transfer_not_found, None
             p = pending.transfer
             # Post and void may leave the accounts zero: they default to the pending's.
-            if debit_account_id == NIL_ID:
+            if not debit_account_id.int:
                 debit_account_id = p.debit_account_id
-            if credit_account_id == NIL_ID:
+            if not credit_account_id.int:
                 credit_account_id = p.credit_account_id
 
         debit = self.accounts.get(debit_account_id)
@@ -597,12 +689,12 @@ class LedgerState:
             if credit.credits_pending + credit.credits_posted + amount > AMOUNT_MAX:
                 return r.overflows_credits, None
             if (
-                debit.flags & _DEBITS_MUST_NOT_EXCEED_CREDITS
+                debit.debits_limited
                 and debit.debits_pending + debit.debits_posted + amount > debit.credits_posted
             ):
                 return r.exceeds_credits, None
             if (
-                credit.flags & _CREDITS_MUST_NOT_EXCEED_DEBITS
+                credit.credits_limited
                 and credit.credits_pending + credit.credits_posted + amount > credit.debits_posted
             ):
                 return r.exceeds_debits, None
@@ -622,7 +714,7 @@ class LedgerState:
             effective_at=t.effective_at or recorded_at,
             recorded_at=recorded_at,
         )
-        self._apply_transfer(transfer)
+        self._apply_transfer(transfer, debit, credit)
         return r.ok, transfer
 
     # -- appliers (shared by decisions and replay) -----------------------------------------
@@ -647,12 +739,33 @@ class LedgerState:
     def _save_balances(self, account: Account) -> None:
         self._undo.append((_UNDO_BALANCES, account, account.balances()))
 
-    def _apply_transfer(self, t: Transfer) -> None:
+    def _apply_transfer(self, t: Transfer, debit: Account, credit: Account) -> None:
         self._see(t.recorded_at)
-        debit = self.accounts[t.debit_account_id]
-        credit = self.accounts[t.credit_account_id]
-        self._save_balances(debit)
-        self._save_balances(credit)
+        undo = self._undo
+        undo.append(
+            (
+                _UNDO_BALANCES,
+                debit,
+                (
+                    debit.debits_pending,
+                    debit.debits_posted,
+                    debit.credits_pending,
+                    debit.credits_posted,
+                ),
+            )
+        )
+        undo.append(
+            (
+                _UNDO_BALANCES,
+                credit,
+                (
+                    credit.debits_pending,
+                    credit.debits_posted,
+                    credit.credits_pending,
+                    credit.credits_posted,
+                ),
+            )
+        )
         flags = int(t.flags)
         if flags & _PENDING:
             debit.debits_pending += t.amount
@@ -681,6 +794,11 @@ class LedgerState:
         self.transfers[t.id] = t
         self._undo.append((_UNDO_NEW_TRANSFER, t.id, None))
 
+    def _apply_rejection(self, rejection: Rejection) -> None:
+        self._see(rejection.recorded_at)
+        self.rejected[rejection.transfer.id] = rejection
+        self._undo.append((_UNDO_NEW_REJECTION, rejection.transfer.id, None))
+
     def _apply_expiry(self, expiry: PendingExpiry) -> None:
         self._see(expiry.expired_at)
         pending = self._pending[expiry.pending_id]
@@ -705,6 +823,7 @@ _UNDO_NEW_TRANSFER = 3
 _UNDO_PENDING_STATUS = 4
 _UNDO_EXPIRY_PUSHED = 5
 _UNDO_EXPIRY_POPPED = 7
+_UNDO_NEW_REJECTION = 8
 _UNDO_CLOCK = 6
 _TICK = timedelta(microseconds=1)
 _REPLAY_UNDO_MAX = 100_000
@@ -740,6 +859,26 @@ def _compare_existing(t: NewTransfer, e: Transfer) -> CreateTransferResult:
     return r.ok
 
 
+def _compare_command(t: NewTransfer, e: NewTransfer) -> CreateTransferResult:
+    """Compare a transfer with an earlier command of the same id (one that was refused)."""
+    r = CreateTransferResult
+    for name, code in (
+        ("flags", r.exists_with_different_flags),
+        ("debit_account_id", r.exists_with_different_debit_account_id),
+        ("credit_account_id", r.exists_with_different_credit_account_id),
+        ("amount", r.exists_with_different_amount),
+        ("pending_id", r.exists_with_different_pending_id),
+        ("timeout_s", r.exists_with_different_timeout),
+        ("asset", r.exists_with_different_asset),
+        ("code", r.exists_with_different_code),
+        ("references", r.exists_with_different_references),
+        ("effective_at", r.exists_with_different_effective_at),
+    ):
+        if getattr(t, name) != getattr(e, name):
+            return code
+    return r.ok
+
+
 def replay(facts: Iterable[Fact]) -> LedgerState:
     """Rebuild a ledger's state from its facts in log order."""
     state = LedgerState()
@@ -753,6 +892,7 @@ def replay(facts: Iterable[Fact]) -> LedgerState:
 
 __all__ = [
     "NIL_ID",
+    "TRANSIENT_RESULTS",
     "Account",
     "AccountFlags",
     "CreateAccountResult",
@@ -764,6 +904,7 @@ __all__ = [
     "PendingExpiry",
     "PendingStatus",
     "References",
+    "Rejection",
     "Transfer",
     "TransferFlags",
     "TransferOutcome",

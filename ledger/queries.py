@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from datetime import datetime
 from uuid import UUID
 
-from ledger.events import AccountOpened, BatchCommitted, LedgerEvent, TransferCreated
+from ledger.events import BatchCommitted, LedgerEvent
 from ledger.limits import CATCH_UP_PAGE_SIZE
-from ledger.model import Account, Fact, LedgerState, replay
+from ledger.model import Account, Fact, LedgerState
 from ledger.store import LedgerApplication
 
 
@@ -31,6 +31,26 @@ def read_events(
             return
 
 
+def _read(
+    app: LedgerApplication, shard: int, stop_position: int | None, stop_at: datetime | None
+) -> tuple[list[Fact], LedgerState]:
+    facts: list[Fact] = []
+    state = LedgerState()
+    for _position, event in read_events(app, stop=stop_position):
+        if isinstance(event, BatchCommitted):
+            continue
+        if stop_at is not None and event.timestamp > stop_at:
+            break
+        fact = event.to_fact()
+        if fact is not None and state.owns(fact, shard):
+            state.apply(fact)
+            facts.append(fact)
+            if len(facts) % CATCH_UP_PAGE_SIZE == 0:
+                state.commit()
+    state.commit()
+    return facts, state
+
+
 def read_facts(
     app: LedgerApplication,
     *,
@@ -39,24 +59,7 @@ def read_facts(
     stop_at: datetime | None = None,
 ) -> list[Fact]:
     """The shard's facts in log order, up to a log position and/or a recorded time."""
-    facts: list[Fact] = []
-    accounts: set[UUID] = set()
-    for _position, event in read_events(app, stop=stop_position):
-        if isinstance(event, BatchCommitted):
-            continue
-        if stop_at is not None and event.timestamp > stop_at:
-            break
-        fact = event.to_fact()
-        if isinstance(event, AccountOpened):
-            assert isinstance(fact, Account)
-            if fact.shard != shard:
-                continue
-            accounts.add(fact.id)
-        elif isinstance(event, TransferCreated) and event.debit_account_id not in accounts:
-            continue
-        if fact is not None:
-            facts.append(fact)
-    return facts
+    return _read(app, shard, stop_position, stop_at)[0]
 
 
 def state_as_of(
@@ -68,7 +71,7 @@ def state_as_of(
 ) -> LedgerState:
     """The shard's state as it was at a log position (notification id, inclusive) and/or at a
     recorded time (inclusive): every account with its four balances, every pending hold."""
-    return replay(read_facts(app, shard=shard, stop_position=position, stop_at=at))
+    return _read(app, shard, position, at)[1]
 
 
 def account_as_of(

@@ -8,8 +8,12 @@ writers that decided on the same view of the shard commit. The loser rolls its d
 back, reads what the winner wrote, and decides again. So two processes racing to spend the
 same funds can never both succeed, and nothing is half-written.
 
-Concurrent clients call `submit()` (thread-safe, bounded queue); one committer thread drains
-the queue into batches of at most BATCH_SIZE_MAX transfers.
+Concurrent clients call `submit()` (thread-safe, bounded queue). Two threads then form a
+pipeline: the decider drains the queue into batches of at most BATCH_SIZE_MAX requests'
+commands and decides them; the committer writes each decided batch while the decider
+already decides the next one on top of it (at most PIPELINE_DEPTH_MAX batches decided and not
+yet committed). Answers are released only after their batch committed, in order. If a commit
+fails, that batch and every batch decided after it are rolled back and decided again.
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, StoredEvent
 
 from ledger.errors import WriterRaceLostError, WriterStoppedError
 from ledger.events import BatchCommitted, LedgerEvent, shard_stream_id
-from ledger.limits import BATCH_SIZE_MAX, CATCH_UP_PAGE_SIZE, COMMIT_RETRIES_MAX, QUEUE_DEPTH_MAX
+from ledger.limits import (
+    BATCH_SIZE_MAX,
+    CATCH_UP_PAGE_SIZE,
+    COMMIT_RETRIES_MAX,
+    PIPELINE_DEPTH_MAX,
+    QUEUE_DEPTH_MAX,
+)
 from ledger.model import (
     Account,
     CreateAccountResult,
@@ -37,7 +47,6 @@ from ledger.model import (
     LedgerState,
     NewAccount,
     NewTransfer,
-    Transfer,
     TransferOutcome,
 )
 from ledger.queries import read_events
@@ -50,6 +59,20 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _Decided:
+    """A batch decided against the in-memory state, not yet committed."""
+
+    requests: list[_Request]
+    answers: list[Any]
+    stored: list[StoredEvent]
+    """Its events, ending with the shard stream's BatchCommitted; empty if nothing changed."""
+    batch_number: int
+    """The batch number it claims (only meaningful when stored is not empty)."""
+    undo_start: int
+    undo_end: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,32 +95,29 @@ class LedgerWriter:
         self.clock = clock
         self.state = LedgerState()
         self.position = 0
-        """Notification id of the last event applied to `state`."""
+        """Notification id of the last event applied to `state` and committed."""
         self.batch_number = 0
-        """Version of the shard stream's last BatchCommitted event."""
+        """Version of the shard stream's last committed BatchCommitted event."""
         self.races_lost = 0
+        self._decided_batch_number = 0
+        """Last batch number claimed by a decided batch (>= batch_number)."""
         self._stream_id = shard_stream_id(shard)
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=QUEUE_DEPTH_MAX)
-        self._thread: threading.Thread | None = None
+        self._decided: queue.Queue[_Decided | None] = queue.Queue(maxsize=PIPELINE_DEPTH_MAX - 1)
+        self._threads: list[threading.Thread] = []
         with self._lock:
             self._catch_up()
 
     # -- synchronous API ---------------------------------------------------------------
 
     def open_accounts(self, accounts: Sequence[NewAccount]) -> list[CreateAccountResult]:
-        with self._lock:
-            request = _Request(accounts, None, Future())
-            self._commit([request])
-            result: list[CreateAccountResult] = request.future.result()
-            return result
+        result: list[CreateAccountResult] = self._call(_Request(accounts, None, Future()))
+        return result
 
     def create_transfers(self, transfers: Sequence[NewTransfer]) -> list[TransferOutcome]:
-        with self._lock:
-            request = _Request(None, transfers, Future())
-            self._commit([request])
-            result: list[TransferOutcome] = request.future.result()
-            return result
+        result: list[TransferOutcome] = self._call(_Request(None, transfers, Future()))
+        return result
 
     def expire_pending(self) -> list[TransferOutcome]:
         """Record the expiry of every pending transfer whose timeout has passed."""
@@ -106,35 +126,52 @@ class LedgerWriter:
     def refresh(self) -> None:
         """Read what other writers committed since our last look."""
         with self._lock:
-            self._catch_up()
+            if self._decided_batch_number == self.batch_number:
+                self._catch_up()
+
+    def _call(self, request: _Request) -> Any:
+        if self._threads:  # the pipeline owns the state: go through it
+            self._enqueue(request)
+        else:
+            with self._lock:
+                self._commit_now([request])
+        return request.future.result()
 
     # -- group commit ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the committer thread that serves `submit()`."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
-            self._thread.start()
+        """Start the decider and committer threads that serve `submit()`."""
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._decide_loop, name="ledger-decider", daemon=True),
+                threading.Thread(target=self._commit_loop, name="ledger-committer", daemon=True),
+            ]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
+        """Finish what was submitted, then stop the threads."""
+        if self._threads:
             self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+            for thread in self._threads:
+                thread.join()
+            self._threads = []
 
     def submit(self, transfers: Sequence[NewTransfer]) -> Future[list[TransferOutcome]]:
         """Queue transfers for the next group commit; blocks while the queue is full."""
-        if len(transfers) > BATCH_SIZE_MAX:
-            raise ValueError(
-                f"at most {BATCH_SIZE_MAX} transfers per request, got {len(transfers)}"
-            )
-        if self._thread is None:
-            raise WriterStoppedError("the writer's committer thread is not running; call start()")
-        future: Future[list[TransferOutcome]] = Future()
-        self._queue.put(_Request(None, transfers, future))
+        if not self._threads:
+            raise WriterStoppedError("the writer's threads are not running; call start()")
+        request = _Request(None, transfers, Future())
+        self._enqueue(request)
+        future: Future[list[TransferOutcome]] = request.future
         return future
 
-    def _run(self) -> None:
+    def _enqueue(self, request: _Request) -> None:
+        if request.size > BATCH_SIZE_MAX:
+            raise ValueError(f"at most {BATCH_SIZE_MAX} commands per request, got {request.size}")
+        self._queue.put(request)
+
+    def _decide_loop(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
@@ -151,11 +188,12 @@ class LedgerWriter:
                     stopping = True
                     break
                 if size + nxt.size > BATCH_SIZE_MAX:
-                    self._commit_safely(batch)
+                    self._decide_and_hand_over(batch)
                     batch, size = [], 0
                 batch.append(nxt)
                 size += nxt.size
-            self._commit_safely(batch)
+            self._decide_and_hand_over(batch)
+        self._decided.put(None)
         # Fail whatever is still queued: nothing is silently dropped.
         while True:
             try:
@@ -165,76 +203,137 @@ class LedgerWriter:
             if leftover is not None:
                 leftover.future.set_exception(WriterStoppedError("the writer stopped"))
 
-    def _commit_safely(self, batch: list[_Request]) -> None:
+    def _decide_and_hand_over(self, batch: list[_Request]) -> None:
         if not batch:
             return
         with self._lock:
             try:
-                self._commit(batch)
-            except Exception as e:  # every waiting client hears of the failure
-                log.exception("ledger batch failed")
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(e)
-
-    # -- the commit itself -------------------------------------------------------------
-
-    def _commit(self, batch: list[_Request]) -> None:
-        for _attempt in range(COMMIT_RETRIES_MAX):
-            # Decide on the newest state: another process may have written since our last
-            # look (one indexed read per batch). A commit that still races is caught below.
-            if self._head_batch_number() > self.batch_number:
-                self._catch_up()
-            now = self.clock()
-            answers: list[Any] = []
-            facts: list[Fact] = []
-            for request in batch:
-                if request.accounts is not None:
-                    results, opened = self.state.open_accounts(request.accounts, now)
-                    answers.append(results)
-                    facts.extend(opened)
-                else:
-                    outcomes, new_facts = self.state.create_transfers(request.transfers or (), now)
-                    answers.append(outcomes)
-                    facts.extend(new_facts)
-            if not facts:
-                self.state.commit()
-                for request, answer in zip(batch, answers, strict=True):
-                    request.future.set_result(answer)
+                if self._decided_batch_number == self.batch_number:
+                    self._catch_up_if_behind()
+                decided = self._decide(batch)
+            except Exception as e:
+                self._fail(batch, e)
                 return
+        self._decided.put(decided)
+
+    def _commit_loop(self) -> None:
+        while True:
+            decided = self._decided.get()
+            if decided is None:
+                return
+            try:
+                ids = self.app.recorder.insert_events(decided.stored) if decided.stored else []
+            except Exception as e:
+                self._recover(decided, e)
+                continue
+            with self._lock:
+                self._committed(decided, ids)
+
+    def _recover(self, failed: _Decided, error: Exception) -> None:
+        """A commit failed: roll back it and every batch decided after it, then redo them."""
+        with self._lock:
+            later: list[_Decided] = []
+            while True:
+                try:
+                    item = self._decided.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._decided.put(None)  # keep the stop signal for the loop
+                    break
+                later.append(item)
+            self.state.rollback(failed.undo_start)
+            self._decided_batch_number = self.batch_number
+            if isinstance(error, IntegrityError):
+                self.races_lost += 1
+            for item in (failed, *later):
+                if isinstance(error, IntegrityError):
+                    try:
+                        self._commit_now(item.requests)
+                    except Exception as e:
+                        self._fail(item.requests, e)
+                else:
+                    log.error("ledger batch failed: %s", error)
+                    self._fail(item.requests, error)
+
+    @staticmethod
+    def _fail(requests: list[_Request], error: Exception) -> None:
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    # -- deciding and committing ----------------------------------------------------------
+
+    def _decide(self, batch: list[_Request]) -> _Decided:
+        """Decide a batch on the current state (which keeps the decisions, undoably)."""
+        undo_start = self.state.mark()
+        now = self.clock()
+        answers: list[Any] = []
+        facts: list[Fact] = []
+        for request in batch:
+            if request.accounts is not None:
+                results, opened = self.state.open_accounts(request.accounts, now)
+                answers.append(results)
+                facts.extend(opened)
+            else:
+                outcomes, new_facts = self.state.create_transfers(request.transfers or (), now)
+                answers.append(outcomes)
+                facts.extend(new_facts)
+        stored: list[StoredEvent] = []
+        batch_number = self._decided_batch_number
+        if facts:
+            batch_number += 1
             mapper = self.app.ledger_mapper
             stored = [mapper.fact_to_stored_event(f) for f in facts]
             stored.append(
                 mapper.to_stored_event(
-                    BatchCommitted.make(
-                        self.shard, self.batch_number + 1, len(facts), self.state.clock(now)
-                    )
+                    BatchCommitted.make(self.shard, batch_number, len(facts), self.state.clock(now))
                 )
             )
+            self._decided_batch_number = batch_number
+        return _Decided(batch, answers, stored, batch_number, undo_start, self.state.mark())
+
+    def _committed(self, decided: _Decided, notification_ids: Sequence[int] | None) -> None:
+        self.state.release(decided.undo_end)
+        # The state is long-lived by design: keep the cyclic GC from rescanning it on
+        # every collection (the hot path creates no reference cycles).
+        gc.freeze()
+        if decided.stored:
+            self.batch_number = decided.batch_number
+        if notification_ids:
+            self.position = max(notification_ids)
+        for request, answer in zip(decided.requests, decided.answers, strict=True):
+            request.future.set_result(answer)
+
+    def _commit_now(self, batch: list[_Request]) -> None:
+        """Decide and commit one batch in the caller's thread (nothing else in flight)."""
+        for _attempt in range(COMMIT_RETRIES_MAX):
+            self._catch_up_if_behind()
+            decided = self._decide(batch)
             try:
-                notification_ids = self.app.recorder.insert_events(stored)
+                ids = self.app.recorder.insert_events(decided.stored) if decided.stored else []
             except IntegrityError:
                 # Another writer committed first: undo our decisions, read theirs, retry.
-                self.state.rollback()
+                self.state.rollback(decided.undo_start)
+                self._decided_batch_number = self.batch_number
                 self.races_lost += 1
                 self._catch_up()
                 continue
             except BaseException:
-                self.state.rollback()
+                self.state.rollback(decided.undo_start)
+                self._decided_batch_number = self.batch_number
                 raise
-            self.state.commit()
-            # The state is long-lived by design: keep the cyclic GC from rescanning it on
-            # every collection (the hot path creates no reference cycles).
-            gc.freeze()
-            self.batch_number += 1
-            if notification_ids:
-                self.position = max(notification_ids)
-            for request, answer in zip(batch, answers, strict=True):
-                request.future.set_result(answer)
+            self._committed(decided, ids)
             return
         raise WriterRaceLostError(
             f"shard {self.shard}: lost the race to other writers {COMMIT_RETRIES_MAX} times"
         )
+
+    def _catch_up_if_behind(self) -> None:
+        # Decide on the newest state: another process may have written since our last look
+        # (one indexed read per batch). A commit that still races fails on the unique key.
+        if self._head_batch_number() > self.batch_number:
+            self._catch_up()
 
     def _head_batch_number(self) -> int:
         head = self.app.recorder.select_events(self._stream_id, desc=True, limit=1)
@@ -248,6 +347,7 @@ class LedgerWriter:
             if count % CATCH_UP_PAGE_SIZE == 0:
                 self.state.commit()  # keep the undo log short: replayed facts stay
         self.state.commit()
+        self._decided_batch_number = self.batch_number
         gc.freeze()
 
     def _apply_event(self, event: Any) -> None:
@@ -257,16 +357,9 @@ class LedgerWriter:
             return
         if isinstance(event, LedgerEvent):
             fact = event.to_fact()
-            if fact is None or not self._owns(fact):
+            if fact is None or not self.state.owns(fact, self.shard):
                 return
             self.state.apply(fact)
-
-    def _owns(self, fact: Fact) -> bool:
-        if isinstance(fact, Account):
-            return fact.shard == self.shard
-        if isinstance(fact, Transfer):
-            return fact.debit_account_id in self.state.accounts
-        return fact.pending_id in self.state.transfers
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -89,6 +89,15 @@ def run_demo(settings: Settings) -> int:
                 TransferCode.protocol_fee,
             ),
         ]
+        withdraw = [
+            transfer(
+                "withdraw-1",
+                "consumer alice",
+                "chain custody",
+                units(600),
+                TransferCode.withdrawal,
+            )
+        ]
         steps: list[tuple[str, list[NewTransfer]]] = [
             (
                 "alice deposits 1,000 AETH on chain",
@@ -131,16 +140,8 @@ def run_demo(settings: Settings) -> int:
                 ],
             ),
             (
-                "alice tries to withdraw 800 AETH while 450 AETH are held",
-                [
-                    transfer(
-                        "withdraw-1",
-                        "consumer alice",
-                        "chain custody",
-                        units(800),
-                        TransferCode.withdrawal,
-                    )
-                ],
+                "alice tries to withdraw 600 AETH while 450 AETH are held",
+                withdraw,
             ),
             (
                 "lease-1 ends: post the hold in full",
@@ -177,6 +178,10 @@ def run_demo(settings: Settings) -> int:
             (
                 "retry the lease-1 settlement (same ids, same fields)",
                 settle_lease_1,
+            ),
+            (
+                "retry the refused withdrawal, now that 700 AETH are free",
+                withdraw,
             ),
         ]
         for what, transfers in steps:

@@ -38,7 +38,11 @@ def test_the_demo_settles_a_lease_and_prints_a_balanced_trial_balance(cli_env, t
     assert "rejected: exceeds_credits" in out
     assert "trial balance AETH: debits 1,600 = credits 1,600  (pending 0 = 0)  BALANCED" in out
     assert "provider gpu-farm        provider_earnings                   0              285" in out
-    assert "alice: balance 700 AETH, available 700 AETH; log position 20" in out
+    assert (
+        "retry the refused withdrawal, now that 700 AETH are free       rejected: exceeds_credits"
+        in out
+    )
+    assert "alice: balance 700 AETH, available 700 AETH; log position 22" in out
 
 
 def test_running_the_demo_twice_moves_no_money_twice(cli_env, tmp_path) -> None:
@@ -52,7 +56,7 @@ def test_trial_balance_as_of_an_earlier_position_shows_the_ledger_as_it_stood(
     cli_env, tmp_path
 ) -> None:
     assert aether("demo", env=cli_env, cwd=tmp_path).returncode == 0
-    # Position 8 is the batch record after the deposit: alice has 1,000 and nothing is held.
+    # Positions 1-7: six accounts and their batch record; 8: the deposit.
     run = aether("trial-balance", "--as-of-position", "8", env=cli_env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "debits 1,000 = credits 1,000" in run.stdout
