@@ -213,6 +213,7 @@ class TransferRejected(LedgerEvent):
 
     transfer: NewTransfer
     result: str
+    shard: int
 
     @classmethod
     def from_fact(cls, rejection: Rejection) -> TransferRejected:
@@ -226,6 +227,7 @@ class TransferRejected(LedgerEvent):
                     "timestamp": rejection.recorded_at,
                     "transfer": rejection.transfer,
                     "result": rejection.result.name,
+                    "shard": rejection.shard,
                 },
             ),
         )
@@ -261,6 +263,7 @@ class TransferRejected(LedgerEvent):
                     "timestamp": datetime.fromisoformat(state["timestamp"]),
                     "transfer": transfer,
                     "result": state["result"],
+                    "shard": state["shard"],
                 },
             ),
         )
@@ -270,6 +273,7 @@ class TransferRejected(LedgerEvent):
             transfer=self.transfer,
             result=CreateTransferResult[self.result],
             recorded_at=self.timestamp,
+            shard=self.shard,
         )
 
 
@@ -385,6 +389,7 @@ def stored_state_of(fact: Fact) -> tuple[UUID, int, type[LedgerEvent], State]:
         state = {
             "timestamp": fact.recorded_at,
             "result": fact.result.name,
+            "shard": fact.shard,
             "debit_account_id": t.debit_account_id,
             "credit_account_id": t.credit_account_id,
             "amount": str(t.amount),

@@ -289,6 +289,8 @@ class Rejection:
     transfer: NewTransfer
     result: CreateTransferResult
     recorded_at: datetime
+    shard: int = 0
+    """The shard that refused it (its accounts may not exist, so they cannot tell)."""
 
 
 TRANSIENT_RESULTS = frozenset(
@@ -317,7 +319,9 @@ class LedgerState:
     since the last `mark()`; `apply()` is the replay path for facts read back from the log.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shard: int = 0) -> None:
+        self.shard = shard
+        """The ledger shard this state belongs to."""
         self.accounts: dict[UUID, Account] = {}
         self.transfers: dict[UUID, Transfer] = {}
         self.rejected: dict[UUID, Rejection] = {}
@@ -504,7 +508,7 @@ class LedgerState:
             return TransferOutcome(command.id, result)
         if result not in TRANSIENT_RESULTS:
             return TransferOutcome(command.id, result)
-        rejection = Rejection(command, result, self._tick(now))
+        rejection = Rejection(command, result, self._tick(now), self.shard)
         self._apply_rejection(rejection)
         facts.append(rejection)
         return TransferOutcome(command.id, result, rejection.recorded_at)
@@ -524,14 +528,12 @@ class LedgerState:
 
     # -- replay -----------------------------------------------------------------------
 
-    def owns(self, fact: Fact, shard: int) -> bool:
+    def owns(self, fact: Fact) -> bool:
         """Whether a fact read from a log shared by several shards belongs to this state."""
-        if isinstance(fact, Account):
-            return fact.shard == shard
+        if isinstance(fact, Account | Rejection):
+            return fact.shard == self.shard
         if isinstance(fact, Transfer):
             return fact.debit_account_id in self.accounts
-        if isinstance(fact, Rejection):
-            return fact.transfer.debit_account_id in self.accounts
         return fact.pending_id in self.transfers
 
     def apply(self, fact: Fact) -> None:
@@ -874,14 +876,15 @@ def _compare_command(t: NewTransfer, e: NewTransfer) -> CreateTransferResult:
         ("references", r.exists_with_different_references),
         ("effective_at", r.exists_with_different_effective_at),
     ):
-        if getattr(t, name) != getattr(e, name):
+        value = getattr(t, name)
+        if value != getattr(e, name) and not (name == "effective_at" and value is None):
             return code
     return r.ok
 
 
-def replay(facts: Iterable[Fact]) -> LedgerState:
-    """Rebuild a ledger's state from its facts in log order."""
-    state = LedgerState()
+def replay(facts: Iterable[Fact], shard: int = 0) -> LedgerState:
+    """Rebuild a ledger shard's state from its facts in log order."""
+    state = LedgerState(shard)
     for fact in facts:
         state.apply(fact)
         if len(state._undo) > _REPLAY_UNDO_MAX:

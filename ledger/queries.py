@@ -35,14 +35,14 @@ def _read(
     app: LedgerApplication, shard: int, stop_position: int | None, stop_at: datetime | None
 ) -> tuple[list[Fact], LedgerState]:
     facts: list[Fact] = []
-    state = LedgerState()
+    state = LedgerState(shard)
     for _position, event in read_events(app, stop=stop_position):
         if isinstance(event, BatchCommitted):
             continue
         if stop_at is not None and event.timestamp > stop_at:
             break
         fact = event.to_fact()
-        if fact is not None and state.owns(fact, shard):
+        if fact is not None and state.owns(fact):
             state.apply(fact)
             facts.append(fact)
             if len(facts) % CATCH_UP_PAGE_SIZE == 0:

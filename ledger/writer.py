@@ -21,7 +21,9 @@ from __future__ import annotations
 import gc
 import logging
 import queue
+import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from ledger.limits import (
     COMMIT_RETRIES_MAX,
     PIPELINE_DEPTH_MAX,
     QUEUE_DEPTH_MAX,
+    RACE_BACKOFF_S_MAX,
 )
 from ledger.model import (
     Account,
@@ -93,7 +96,7 @@ class LedgerWriter:
         self.app = app
         self.shard = shard
         self.clock = clock
-        self.state = LedgerState()
+        self.state = LedgerState(shard)
         self.position = 0
         """Notification id of the last event applied to `state` and committed."""
         self.batch_number = 0
@@ -104,7 +107,12 @@ class LedgerWriter:
         self._stream_id = shard_stream_id(shard)
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=QUEUE_DEPTH_MAX)
-        self._decided: queue.Queue[_Decided | None] = queue.Queue(maxsize=PIPELINE_DEPTH_MAX - 1)
+        # Decided batches wait here for the committer. A batch is decided and queued under
+        # the lock, so a recovery (also under the lock) always sees every decided batch. The
+        # slots bound how many are decided and not yet committed.
+        self._decided: queue.Queue[_Decided | None] = queue.Queue()
+        self._slots = threading.Semaphore(PIPELINE_DEPTH_MAX)
+        self._in_flight = 0
         self._threads: list[threading.Thread] = []
         with self._lock:
             self._catch_up()
@@ -126,7 +134,7 @@ class LedgerWriter:
     def refresh(self) -> None:
         """Read what other writers committed since our last look."""
         with self._lock:
-            if self._decided_batch_number == self.batch_number:
+            if self._in_flight == 0:
                 self._catch_up()
 
     def _call(self, request: _Request) -> Any:
@@ -206,15 +214,18 @@ class LedgerWriter:
     def _decide_and_hand_over(self, batch: list[_Request]) -> None:
         if not batch:
             return
+        self._slots.acquire()
         with self._lock:
             try:
-                if self._decided_batch_number == self.batch_number:
+                if self._in_flight == 0:
                     self._catch_up_if_behind()
                 decided = self._decide(batch)
             except Exception as e:
+                self._slots.release()
                 self._fail(batch, e)
                 return
-        self._decided.put(decided)
+            self._in_flight += 1
+            self._decided.put_nowait(decided)
 
     def _commit_loop(self) -> None:
         while True:
@@ -228,25 +239,30 @@ class LedgerWriter:
                 continue
             with self._lock:
                 self._committed(decided, ids)
+                self._in_flight -= 1
+            self._slots.release()
 
     def _recover(self, failed: _Decided, error: Exception) -> None:
-        """A commit failed: roll back it and every batch decided after it, then redo them."""
+        """A commit failed: roll back it and every batch decided after it (all of them are in
+        the queue: deciding and queueing happen under the lock), then redo or fail them."""
         with self._lock:
-            later: list[_Decided] = []
+            batches = [failed]
+            stop = False
             while True:
                 try:
                     item = self._decided.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
-                    self._decided.put(None)  # keep the stop signal for the loop
+                    stop = True
                     break
-                later.append(item)
+                batches.append(item)
             self.state.rollback(failed.undo_start)
             self._decided_batch_number = self.batch_number
+            self._in_flight = 0
             if isinstance(error, IntegrityError):
                 self.races_lost += 1
-            for item in (failed, *later):
+            for item in batches:
                 if isinstance(error, IntegrityError):
                     try:
                         self._commit_now(item.requests)
@@ -255,6 +271,9 @@ class LedgerWriter:
                 else:
                     log.error("ledger batch failed: %s", error)
                     self._fail(item.requests, error)
+                self._slots.release()
+            if stop:
+                self._decided.put(None)
 
     @staticmethod
     def _fail(requests: list[_Request], error: Exception) -> None:
@@ -307,7 +326,7 @@ class LedgerWriter:
 
     def _commit_now(self, batch: list[_Request]) -> None:
         """Decide and commit one batch in the caller's thread (nothing else in flight)."""
-        for _attempt in range(COMMIT_RETRIES_MAX):
+        for attempt in range(COMMIT_RETRIES_MAX):
             self._catch_up_if_behind()
             decided = self._decide(batch)
             try:
@@ -317,6 +336,11 @@ class LedgerWriter:
                 self.state.rollback(decided.undo_start)
                 self._decided_batch_number = self.batch_number
                 self.races_lost += 1
+                # Back off a little (with jitter) so that a writer with a big batch gets a
+                # window against one that commits small batches back to back.
+                time.sleep(
+                    random.uniform(0, RACE_BACKOFF_S_MAX * (attempt + 1) / COMMIT_RETRIES_MAX)  # noqa: S311
+                )
                 self._catch_up()
                 continue
             except BaseException:
@@ -357,7 +381,7 @@ class LedgerWriter:
             return
         if isinstance(event, LedgerEvent):
             fact = event.to_fact()
-            if fact is None or not self.state.owns(fact, self.shard):
+            if fact is None or not self.state.owns(fact):
                 return
             self.state.apply(fact)
 

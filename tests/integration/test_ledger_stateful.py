@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -40,6 +41,7 @@ from hypothesis.stateful import (
 )
 
 from ledger.config import eventsourcing_env
+from ledger.events import BatchCommitted
 from ledger.model import (
     NIL_ID,
     AccountFlags,
@@ -69,6 +71,38 @@ ACCOUNT_FLAGS = (AccountFlags.none, DMNEC, CMNED)
 TICK = timedelta(microseconds=1)
 START = datetime(2030, 1, 1, tzinfo=UTC)
 EFFECTIVE_AT = datetime(2029, 12, 31, 23, 59, 59, 123456, tzinfo=UTC)
+
+ZERO_ACCOUNTS_ON_UNKNOWN_HOLDS = False
+"""Whether posts and voids of holds that do not exist leave their accounts zero (as they may).
+False while the BUG pinned by test_a_recorded_refusal_of_a_transfer_naming_no_debit_account_
+survives_a_restart is open: such a refusal is recorded, then lost by every replay, and a retry
+after a restart wedges the writer. Set it to True when that test starts passing."""
+
+TRANSIENT = frozenset(
+    {
+        R.debit_account_not_found,
+        R.credit_account_not_found,
+        R.pending_transfer_not_found,
+        R.overflows_debits,
+        R.overflows_credits,
+        R.exceeds_credits,
+        R.exceeds_debits,
+    }
+)
+"""Refusals that depend on the ledger's state: recorded, so a retry gets the same answer."""
+COMMAND_FIELDS = (
+    ("flags", R.exists_with_different_flags),
+    ("debit_account_id", R.exists_with_different_debit_account_id),
+    ("credit_account_id", R.exists_with_different_credit_account_id),
+    ("amount", R.exists_with_different_amount),
+    ("pending_id", R.exists_with_different_pending_id),
+    ("timeout_s", R.exists_with_different_timeout),
+    ("asset", R.exists_with_different_asset),
+    ("code", R.exists_with_different_code),
+    ("references", R.exists_with_different_references),
+    ("effective_at", R.exists_with_different_effective_at),
+)
+"""How a command is compared with a refused one of the same id, in order."""
 
 SETTINGS = settings(
     max_examples=25,
@@ -122,9 +156,12 @@ class Model:
     accounts: dict[UUID, MAccount] = field(default_factory=dict)
     transfers: dict[UUID, MTransfer] = field(default_factory=dict)
     holds: dict[UUID, MHold] = field(default_factory=dict)
+    rejected: dict[UUID, tuple[NewTransfer, R, datetime]] = field(default_factory=dict)
+    """Transfers refused for a state-dependent reason: their ids are spent."""
     last: datetime | None = None
     facts: int = 0
-    """Events (accounts, transfers, expiries) that should be in the log, BatchCommitted aside."""
+    """Events (accounts, transfers, rejections, expiries) that should be in the log, the
+    BatchCommitted events aside."""
 
     def tick(self, now: datetime) -> datetime:
         at = now if self.last is None or now > self.last else self.last + TICK
@@ -170,33 +207,50 @@ class Model:
             if chain_start is None and linked:
                 chain_start, saved, failed = i, copy.deepcopy(self), False
             if linked and i == len(commands) - 1:
-                answer: tuple[R, datetime | None] = (R.linked_event_chain_open, None)
+                result = R.linked_event_chain_open
             elif failed:
-                answer = (R.linked_event_failed, None)
+                result = R.linked_event_failed
             else:
-                answer = self.decide(c, now)
-                if answer[0] is R.ok:
-                    out.append(answer)
+                result, recorded_at = self.decide(c, now)
+                if result is R.ok:
+                    out.append((result, recorded_at))
                     if chain_start is not None and not linked:
                         chain_start = None
                     continue
-            out.append(answer)
-            if chain_start is not None:
-                if not failed:
-                    failed = True
-                    assert saved is not None
-                    self.__dict__.update(saved.__dict__)  # the whole chain is undone
-                    for j in range(chain_start, i):
-                        out[j] = (R.linked_event_failed, None)
-                if not linked:
-                    chain_start, failed = None, False
+            if chain_start is not None and not failed:
+                failed = True
+                assert saved is not None
+                self.__dict__.update(saved.__dict__)  # the whole chain is undone
+                for j in range(chain_start, i):
+                    out[j] = (R.linked_event_failed, None)
+            out.append(self.reject(c, result, now))
+            if chain_start is not None and not linked:
+                chain_start, failed = None, False
         return out
+
+    def reject(self, c: NewTransfer, result: R, now: datetime) -> tuple[R, datetime | None]:
+        """A state-dependent rejection is recorded (once); a retry gets its recorded_at."""
+        earlier = self.rejected.get(c.id)
+        if earlier is not None:
+            return result, earlier[2] if result is earlier[1] else None
+        if result not in TRANSIENT:
+            return result, None
+        recorded_at = self.tick(now)
+        self.rejected[c.id] = (c, result, recorded_at)
+        return result, recorded_at
 
     def decide(self, c: NewTransfer, now: datetime) -> tuple[R, datetime | None]:
         existing = self.transfers.get(c.id)
         if existing is not None:
             result = self.compare(c, existing)
             return result, existing.recorded_at if result is R.ok else None
+        refused = self.rejected.get(c.id)
+        if refused is not None:
+            command, result, _ = refused
+            for name, different in COMMAND_FIELDS:
+                if getattr(c, name) != getattr(command, name):
+                    return different, None
+            return result, None
         resolving = bool(c.flags & (POST | VOID))
         debit_id, credit_id = c.debit_account_id, c.credit_account_id
         hold = None
@@ -315,8 +369,9 @@ class Sent:
     outcomes: tuple[TransferOutcome, ...]
 
     @property
-    def all_ok(self) -> bool:
-        return bool(self.outcomes) and all(o.ok for o in self.outcomes)
+    def settled(self) -> bool:
+        """Every command was accepted, or refused for a reason that was recorded."""
+        return bool(self.outcomes) and all(o.recorded_at is not None for o in self.outcomes)
 
 
 def balances_of(state: LedgerState) -> dict[UUID, tuple[int, int, int, int]]:
@@ -394,16 +449,24 @@ class LedgerMachine(RuleBasedStateMachine):
         position, facts = self.log_position(), self.model.facts
         expected = self.model.create(commands, self.clock.now)
         outcomes = self.writer.create_transfers(commands)
+        self.check_answer(commands, outcomes, expected)
+        assert self.events_since(position) == self.expected_events(facts)
+        return outcomes
+
+    def check_answer(
+        self,
+        commands: list[NewTransfer],
+        outcomes: list[TransferOutcome],
+        expected: list[tuple[R, datetime | None]],
+    ) -> None:
         note(f"  -> {[o.result.name for o in outcomes]}")
         for o in outcomes:
             event(f"result: {o.result.name}")
         assert [o.id for o in outcomes] == [c.id for c in commands]
         assert [(o.result, o.recorded_at) for o in outcomes] == expected
-        assert self.events_since(position) == self.expected_events(facts)
         if commands:
             self.sent.append(Sent(tuple(commands), tuple(outcomes)))
         self.pending_ids.extend(c.id for c in commands if c.flags & PENDING)
-        return outcomes
 
     def pairs(self, same_asset: bool) -> list[tuple[UUID, UUID]]:
         accounts = self.model.accounts
@@ -489,9 +552,8 @@ class LedgerMachine(RuleBasedStateMachine):
             else:
                 pending_id = self.new_id(9)  # never existed
         hold = self.model.holds.get(pending_id)
-        if hold is None:  # unknown to the model: no field matters, it must fail on lookup
-            pid = pending_id
-            return NewTransfer(self.new_id(3), NIL_ID, NIL_ID, 1, ASSETS[0], 1, flag, pid)
+        if hold is None:  # unknown to the model: it must fail on lookup
+            return self.resolve_unknown(data, flag, pending_id, kind=3)
         explicit = data.draw(st.integers(0, 9), label="accounts")
         debit, credit = NIL_ID, NIL_ID
         if 4 <= explicit <= 8:
@@ -520,7 +582,18 @@ class LedgerMachine(RuleBasedStateMachine):
             a = self.model.accounts[debit]
             available = a.credits_posted - a.debits_posted - a.debits_pending
             return NewTransfer(self.new_id(4), debit, credit, available + 10_000, a.asset, 1)
-        return NewTransfer(self.new_id(4), NIL_ID, NIL_ID, 1, ASSETS[0], 1, POST, self.new_id(9))
+        return self.resolve_unknown(data, POST, self.new_id(9), kind=4)
+
+    def resolve_unknown(
+        self, data: st.DataObject, flag: TransferFlags, pending_id: UUID, kind: int
+    ) -> NewTransfer:
+        """A post or void of a hold that does not exist (pending_transfer_not_found or
+        pending_transfer_not_pending; a refusal that is recorded in the first case)."""
+        debit, credit = NIL_ID, NIL_ID
+        if not ZERO_ACCOUNTS_ON_UNKNOWN_HOLDS:
+            debit, credit = data.draw(st.sampled_from(self.pairs(same_asset=True)), label="pair")
+        asset = ASSETS[0] if debit == NIL_ID else self.model.accounts[debit].asset
+        return NewTransfer(self.new_id(kind), debit, credit, 1, asset, 1, flag, pending_id)
 
     # -- rules: accounts --------------------------------------------------------------------
 
@@ -584,9 +657,9 @@ class LedgerMachine(RuleBasedStateMachine):
         outcomes = self.submit(batch)
         if repeat == "same":
             assert outcomes[-1] == outcomes[0]
-        elif repeat == "different amount":
-            expected = R.exists_with_different_amount if outcomes[0].ok else outcomes[-1].result
-            assert outcomes[-1].result is expected
+        elif repeat == "different amount" and outcomes[0].recorded_at is not None:
+            # accepted, or refused and recorded: the id is spent
+            assert outcomes[-1].result is R.exists_with_different_amount
 
     @precondition(lambda self: self.has_pair())
     @rule(data=st.data(), count=st.integers(1, 3))
@@ -670,6 +743,48 @@ class LedgerMachine(RuleBasedStateMachine):
         if open_end:
             assert not any(o.ok for o in inner)
 
+    @precondition(lambda self: self.has_pair())
+    @rule(data=st.data(), count=st.integers(2, 4))
+    def submit_several_requests_at_once_through_the_pipeline(
+        self, data: st.DataObject, count: int
+    ) -> None:
+        """The writer's decider and committer threads group requests in flight into batches;
+        each request still gets exactly the answer it would get on its own, in order."""
+        requests: list[list[NewTransfer]] = []
+        for _ in range(count):
+            kinds = ["plain", "pending"]
+            kinds += ["hold"] * bool(self.open_holds()) + ["again"] * bool(self.sent)
+            kind = data.draw(st.sampled_from(kinds), label="request")
+            if kind == "hold":
+                target = data.draw(st.sampled_from(self.open_holds()), label="open hold")
+                flag = data.draw(st.sampled_from([POST, VOID]), label="resolve")
+                requests.append([self.draw_resolve(data, flag, target)])
+            elif kind == "again":
+                requests.append(list(data.draw(st.sampled_from(self.sent), label="sent").commands))
+            else:
+                size = data.draw(st.integers(1, 2), label="size")
+                requests.append(
+                    [self.draw_plain(data, pending=kind == "pending") for _ in range(size)]
+                )
+        note(f"at {self.clock.now.isoformat()} pipeline {requests}")
+        position, facts = self.log_position(), self.model.facts
+        expected = [self.model.create(r, self.clock.now) for r in requests]
+        self.writer.start()
+        try:
+            futures = [self.writer.submit(r) for r in requests]
+            answers = [f.result(timeout=60) for f in futures]
+        finally:
+            self.writer.stop()
+        for commands, outcomes, wanted in zip(requests, answers, expected, strict=True):
+            self.check_answer(commands, outcomes, wanted)
+        written = self.app.recorder.select_notifications(
+            start=position, limit=10_000, inclusive_of_start=False
+        )
+        batches = sum(n.topic.endswith(BatchCommitted.__qualname__) for n in written)
+        assert len(written) - batches == self.model.facts - facts
+        assert (batches == 0) == (self.model.facts == facts)
+        assert batches <= count
+
     # -- rules: time ------------------------------------------------------------------------
 
     @rule(seconds=st.sampled_from([1, 2, 3, 5, 10, 30, 61, 3600, -1, -5]))
@@ -708,28 +823,31 @@ class LedgerMachine(RuleBasedStateMachine):
         self.writer = LedgerWriter(self.app, clock=self.clock)
 
     @precondition(lambda self: bool(self.sent))
-    @rule(data=st.data(), accepted=st.booleans())
-    def resend_an_earlier_request_unchanged(self, data: st.DataObject, accepted: bool) -> None:
-        """A request that was accepted in full is answered as before and writes nothing;
+    @rule(data=st.data(), settled=st.booleans())
+    def resend_an_earlier_request_unchanged(self, data: st.DataObject, settled: bool) -> None:
+        """A request whose every transfer was accepted (or refused, and the refusal recorded)
+        is answered exactly as before, original recorded_at included, and writes nothing;
         any other is decided again (the model says how)."""
-        ok = [s for s in self.sent if s.all_ok]
-        sent = data.draw(st.sampled_from(ok if accepted and ok else self.sent), label="request")
+        done = [s for s in self.sent if s.settled]
+        sent = data.draw(st.sampled_from(done if settled and done else self.sent), label="request")
         due = self.due_expiries()
         position = self.log_position()
         outcomes = self.submit(list(sent.commands))
-        if sent.all_ok:
-            assert outcomes == list(sent.outcomes)  # ok, with the original recorded_at
+        if sent.settled:
+            assert outcomes == list(sent.outcomes)
             assert self.events_since(position) == (due + 1 if due else 0)
 
-    @precondition(lambda self: any(s.all_ok for s in self.sent))
+    @precondition(lambda self: any(s.settled for s in self.sent))
     @rule(data=st.data(), delta=st.integers(1, 50))
-    def retry_an_accepted_transfer_with_a_different_amount(
+    def retry_a_settled_transfer_with_a_different_amount(
         self, data: st.DataObject, delta: int
     ) -> None:
-        sent = data.draw(st.sampled_from([s for s in self.sent if s.all_ok]), label="request")
+        """Its id is spent, accepted or refused: exists_with_different_amount, nothing written."""
+        sent = data.draw(st.sampled_from([s for s in self.sent if s.settled]), label="request")
         index = data.draw(st.integers(0, len(sent.commands) - 1), label="member")
         original = sent.commands[index]
-        stored = self.model.transfers[original.id].amount
+        accepted = self.model.transfers.get(original.id)
+        stored = original.amount if accepted is None else accepted.amount
         changed = dataclasses.replace(original, amount=max(stored, original.amount) + delta)
         batch = [changed]
         if changed.flags & LINKED:  # close the chain with its (identical) last member
@@ -785,6 +903,9 @@ class LedgerMachine(RuleBasedStateMachine):
             )
         for hold_id, hold in self.model.holds.items():
             assert state.pending_status(hold_id) is hold.status, hold_id
+        assert {i: (r.transfer, r.result, r.recorded_at) for i, r in state.rejected.items()} == (
+            self.model.rejected
+        )
         assert state.last_recorded_at == self.model.last
 
     @invariant()
@@ -794,6 +915,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert rebuilt.accounts == live.accounts
             assert balances_of(rebuilt) == balances_of(live)
             assert rebuilt.transfers == live.transfers
+            assert rebuilt.rejected == live.rejected
             assert {i: rebuilt.pending_status(i) for i in live.transfers} == {
                 i: live.pending_status(i) for i in live.transfers
             }
@@ -810,3 +932,23 @@ def test_random_ledger_histories_keep_the_books_balanced_and_replay_exactly(
 ) -> None:
     LedgerMachine.database_url = database_url
     run_state_machine_as_test(LedgerMachine, settings=SETTINGS)
+
+
+def test_a_recorded_refusal_of_a_transfer_naming_no_debit_account_survives_a_restart(
+    ledger_app: LedgerApplication,
+) -> None:
+    clock = Clock()
+    writer = LedgerWriter(ledger_app, clock=clock)
+    a, b, hold, post_id, unknown, transfer_id = (UUID(int=i) for i in range(1, 7))
+    writer.open_accounts([NewAccount(a, "AETH", 1), NewAccount(b, "AETH", 1)])
+    post = NewTransfer(post_id, NIL_ID, NIL_ID, 5, "AETH", 1, POST, hold)  # accounts: the hold's
+    stray = NewTransfer(transfer_id, unknown, b, 5, "AETH", 1)
+    first = writer.create_transfers([post, stray])
+    assert [o.result for o in first] == [R.pending_transfer_not_found, R.debit_account_not_found]
+    assert all(o.recorded_at is not None for o in first)  # recorded: the ids are spent
+    assert writer.create_transfers([post, stray]) == first
+
+    assert replay(read_facts(ledger_app)).rejected == writer.state.rejected
+    restarted = LedgerWriter(ledger_app, clock=clock)
+    assert restarted.state.rejected == writer.state.rejected
+    assert restarted.create_transfers([post, stray]) == first

@@ -1,7 +1,9 @@
 """Result codes through the real write path: `LedgerWriter` on real PostgreSQL.
 
-A rejected transfer writes nothing; a retry answers the original outcome and writes nothing;
-a fresh writer on the same log (a restart) sees exactly the same ledger.
+A transfer refused for a reason that depends on the ledger's state (`TRANSIENT_RESULTS`)
+writes exactly one TransferRejected event (plus the batch's BatchCommitted) and moves no
+money; any other rejection writes nothing. A retry answers the original outcome and writes
+nothing; a fresh writer on the same log (a restart) sees exactly the same ledger.
 """
 
 from __future__ import annotations
@@ -9,19 +11,25 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import orjson
 import pytest
 
+from ledger.limits import AMOUNT_MAX
 from ledger.model import (
     NIL_ID,
+    TRANSIENT_RESULTS,
     AccountFlags,
     CreateAccountResult,
     CreateTransferResult,
     NewAccount,
     NewTransfer,
     PendingStatus,
+    Rejection,
     TransferFlags,
     TransferOutcome,
+    replay,
 )
+from ledger.queries import read_facts, state_as_of
 from ledger.store import LedgerApplication
 from ledger.writer import LedgerWriter
 
@@ -36,6 +44,9 @@ BANK = UUID(int=1)
 ALICE = UUID(int=2)
 """debits_must_not_exceed_credits, funded with 1000."""
 BOB = UUID(int=3)
+CAPPED = UUID(int=4)
+"""credits_must_not_exceed_debits, never debited (opened only by the tests that need it)."""
+MISSING = UUID(int=999)
 FUND = UUID(int=90)
 ASSET = "AETH"
 CODE = 10
@@ -66,6 +77,8 @@ def xfer(
     pending_id: UUID = NIL_ID,
     timeout_s: int = 0,
     code: int = CODE,
+    references: tuple[tuple[str, str], ...] = (),
+    effective_at: datetime | None = None,
 ) -> NewTransfer:
     return NewTransfer(
         id=tid(n),
@@ -77,6 +90,8 @@ def xfer(
         flags=flags,
         pending_id=pending_id,
         timeout_s=timeout_s,
+        references=references,
+        effective_at=effective_at,
     )
 
 
@@ -108,14 +123,37 @@ def balances(writer: LedgerWriter, account_id: UUID) -> tuple[int, int, int, int
 
 
 def view(writer: LedgerWriter) -> tuple[object, ...]:
+    """(accounts, transfers, pending statuses, rejections, clock, trial balance)."""
     state = writer.state
     return (
         dict(state.accounts),
         dict(state.transfers),
         {i: state.pending_status(i) for i in state.transfers},
+        dict(state.rejected),
         state.last_recorded_at,
         state.trial_balance(),
     )
+
+
+def with_rejections(before: tuple[object, ...], *rejections: Rejection) -> tuple[object, ...]:
+    """A view as `before`, plus recorded rejections (and the clock at the last one's time)."""
+    accounts, transfers, statuses, rejected, _clock, trial_balance = before
+    assert isinstance(rejected, dict)
+    added = {r.transfer.id: r for r in rejections}
+    return (
+        accounts,
+        transfers,
+        statuses,
+        {**rejected, **added},
+        rejections[-1].recorded_at,
+        trial_balance,
+    )
+
+
+def stored_state(app: LedgerApplication, stream: UUID) -> tuple[str, int, dict[str, object]]:
+    """The one event stored on a stream: (topic's class name, version, JSON state)."""
+    [stored] = app.recorder.select_events(stream)
+    return stored.topic.rsplit(":", 1)[-1], stored.originator_version, orjson.loads(stored.state)
 
 
 def set_up(writer: LedgerWriter) -> None:
@@ -128,9 +166,7 @@ def set_up(writer: LedgerWriter) -> None:
         ]
     )
     assert results == [CreateAccountResult.ok] * 3
-    [outcome] = writer.create_transfers(
-        [NewTransfer(FUND, BANK, ALICE, FUNDS, ASSET, CODE)]
-    )
+    [outcome] = writer.create_transfers([NewTransfer(FUND, BANK, ALICE, FUNDS, ASSET, CODE)])
     assert outcome.ok
     assert balances(writer, ALICE) == (0, 0, 0, FUNDS)
 
@@ -156,7 +192,9 @@ def restart(app: LedgerApplication, clock: FakeClock) -> LedgerWriter:
 # -- set-up and accepted transfers ---------------------------------------------------------
 
 
-def test_opening_accounts_and_a_transfer_write_one_event_each_plus_one_batch_event(writer, ledger_app):
+def test_opening_accounts_and_a_transfer_write_one_event_each_plus_one_batch_event(
+    writer, ledger_app
+):
     set_up(writer)
     assert event_topics(ledger_app) == [
         "AccountOpened",
@@ -187,24 +225,26 @@ def test_an_accepted_transfer_is_recorded_at_the_clock_time_and_survives_a_resta
     assert balances(again, ALICE) == (0, 400, 0, FUNDS)
 
 
-# -- rejections write nothing ---------------------------------------------------------------
+# -- rejections: a state-dependent one is recorded, any other writes nothing ------------------
 
 
-def test_an_overdraft_is_rejected_with_exceeds_credits_and_writes_no_events(
+def test_an_overdraft_is_rejected_with_exceeds_credits_and_writes_only_its_rejection(
     ledger, ledger_app, clock
 ):
     before_events = events_count(ledger_app)
     before = view(ledger)
     outcomes = ledger.create_transfers([xfer(1, ALICE, BOB, FUNDS + 1)])
-    assert outcomes == [TransferOutcome(tid(1), R.exceeds_credits)]
-    assert events_count(ledger_app) == before_events
-    assert view(ledger) == before
+    assert outcomes == [TransferOutcome(tid(1), R.exceeds_credits, T1)]
+    assert event_topics(ledger_app)[before_events:] == ["TransferRejected", "BatchCommitted"]
+    rejection = Rejection(xfer(1, ALICE, BOB, FUNDS + 1), R.exceeds_credits, T1)
+    assert view(ledger) == with_rejections(before, rejection)
     assert balances(ledger, ALICE) == (0, 0, 0, FUNDS)
+    assert balances(ledger, BOB) == (0, 0, 0, 0)
     # Exactly the funds may be spent.
     assert ledger.create_transfers([xfer(2, ALICE, BOB, FUNDS)]) == [
-        TransferOutcome(tid(2), R.ok, T1)
+        TransferOutcome(tid(2), R.ok, T1 + TICK)
     ]
-    assert events_count(ledger_app) == before_events + 2
+    assert events_count(ledger_app) == before_events + 4
     assert view(restart(ledger_app, clock)) == view(ledger)
 
 
@@ -219,7 +259,7 @@ def test_a_transfer_to_the_same_account_is_rejected_with_accounts_must_be_differ
     assert view(ledger) == before
 
 
-def test_a_batch_mixing_accepted_and_rejected_transfers_writes_only_the_accepted(
+def test_a_batch_mixing_accepted_and_rejected_transfers_writes_the_accepted_and_the_recorded_rejections(
     ledger, ledger_app, clock
 ):
     before_events = events_count(ledger_app)
@@ -227,27 +267,39 @@ def test_a_batch_mixing_accepted_and_rejected_transfers_writes_only_the_accepted
         [
             xfer(1, ALICE, BOB, 100),
             xfer(2, ALICE, BOB, 5000),
-            xfer(3, BANK, UUID(int=999), 1),
+            xfer(3, BANK, MISSING, 1),
             xfer(4, BANK, BOB, 7),
+            xfer(5, BOB, BOB, 1),
         ]
     )
     assert outcomes == [
         TransferOutcome(tid(1), R.ok, T1),
-        TransferOutcome(tid(2), R.exceeds_credits),
-        TransferOutcome(tid(3), R.credit_account_not_found),
-        TransferOutcome(tid(4), R.ok, T1 + TICK),
+        TransferOutcome(tid(2), R.exceeds_credits, T1 + TICK),
+        TransferOutcome(tid(3), R.credit_account_not_found, T1 + 2 * TICK),
+        TransferOutcome(tid(4), R.ok, T1 + 3 * TICK),
+        TransferOutcome(tid(5), R.accounts_must_be_different),
     ]
     assert event_topics(ledger_app)[before_events:] == [
         "TransferCreated",
+        "TransferRejected",
+        "TransferRejected",
         "TransferCreated",
         "BatchCommitted",
     ]
+    assert balances(ledger, ALICE) == (0, 100, 0, FUNDS)
+    assert balances(ledger, BOB) == (0, 0, 0, 107)
     again = restart(ledger_app, clock)
     assert set(again.state.transfers) == {FUND, tid(1), tid(4)}
+    assert again.state.rejected == {
+        tid(2): Rejection(xfer(2, ALICE, BOB, 5000), R.exceeds_credits, T1 + TICK),
+        tid(3): Rejection(xfer(3, BANK, MISSING, 1), R.credit_account_not_found, T1 + 2 * TICK),
+    }
     assert view(again) == view(ledger)
 
 
-def test_a_failed_linked_chain_applies_nothing_and_writes_no_events(ledger, ledger_app, clock):
+def test_a_failed_linked_chain_applies_nothing_and_writes_only_the_failing_members_rejection(
+    ledger, ledger_app, clock
+):
     before_events = events_count(ledger_app)
     before = view(ledger)
     outcomes = ledger.create_transfers(
@@ -260,11 +312,15 @@ def test_a_failed_linked_chain_applies_nothing_and_writes_no_events(ledger, ledg
     assert outcomes == [
         TransferOutcome(tid(1), R.linked_event_failed),
         TransferOutcome(tid(2), R.linked_event_failed),
-        TransferOutcome(tid(3), R.exceeds_credits),
+        TransferOutcome(tid(3), R.exceeds_credits, T1),
     ]
-    assert events_count(ledger_app) == before_events
-    assert view(ledger) == before
-    assert view(restart(ledger_app, clock)) == before
+    assert event_topics(ledger_app)[before_events:] == ["TransferRejected", "BatchCommitted"]
+    assert stored_state(ledger_app, tid(3))[:2] == ("TransferRejected", 1)
+    assert ledger_app.recorder.select_events(tid(1)) == []
+    assert ledger_app.recorder.select_events(tid(2)) == []
+    expected = with_rejections(before, Rejection(xfer(3, ALICE, BOB, 5000), R.exceeds_credits, T1))
+    assert view(ledger) == expected
+    assert view(restart(ledger_app, clock)) == expected
 
 
 def test_a_chain_left_open_writes_nothing(ledger, ledger_app):
@@ -294,6 +350,74 @@ def test_a_valid_linked_chain_is_written_in_one_batch(ledger, ledger_app, clock)
         "BatchCommitted",
     ]
     assert balances(restart(ledger_app, clock), BOB) == (0, 30, 0, 100)
+
+
+def test_a_non_transient_rejection_writes_nothing_and_the_id_may_be_used_again(
+    ledger, ledger_app, clock
+):
+    ledger.create_transfers([xfer(50, BANK, BOB, 10, flags=F.pending), post(51, tid(50), 10)])
+    before_events = events_count(ledger_app)
+    before = view(ledger)
+    outcomes = ledger.create_transfers(
+        [xfer(1, BOB, BOB, 5), xfer(2, BANK, BOB, 0), post(3, tid(50), 10)]
+    )
+    assert outcomes == [
+        TransferOutcome(tid(1), R.accounts_must_be_different),
+        TransferOutcome(tid(2), R.amount_must_not_be_zero),
+        TransferOutcome(tid(3), R.pending_transfer_already_posted),
+    ]
+    assert not any(o.result in TRANSIENT_RESULTS for o in outcomes)
+    assert events_count(ledger_app) == before_events
+    assert view(ledger) == before
+    assert ledger.state.rejected == {}
+
+    clock.now = T1 + timedelta(minutes=1)
+    outcomes = ledger.create_transfers(
+        [xfer(1, BANK, BOB, 5), xfer(2, BANK, BOB, 5), xfer(3, BANK, BOB, 5)]
+    )
+    assert outcomes == [
+        TransferOutcome(tid(1), R.ok, clock.now),
+        TransferOutcome(tid(2), R.ok, clock.now + TICK),
+        TransferOutcome(tid(3), R.ok, clock.now + 2 * TICK),
+    ]
+    assert view(restart(ledger_app, clock)) == view(ledger)
+
+
+def test_a_failing_chain_records_only_the_failing_member(ledger, ledger_app, clock):
+    chain = [
+        xfer(1, BANK, BOB, 100, flags=F.linked),
+        xfer(2, ALICE, BOB, 5000, flags=F.linked),
+        xfer(3, BOB, BANK, 1),
+    ]
+    before_events = events_count(ledger_app)
+    before = view(ledger)
+    outcomes = ledger.create_transfers(chain)
+    assert outcomes == [
+        TransferOutcome(tid(1), R.linked_event_failed),
+        TransferOutcome(tid(2), R.exceeds_credits, T1),
+        TransferOutcome(tid(3), R.linked_event_failed),
+    ]
+    assert event_topics(ledger_app)[before_events:] == ["TransferRejected", "BatchCommitted"]
+    assert stored_state(ledger_app, tid(2))[:2] == ("TransferRejected", 1)
+    assert ledger_app.recorder.select_events(tid(1)) == []
+    assert ledger_app.recorder.select_events(tid(3)) == []
+    assert view(ledger) == with_rejections(before, Rejection(chain[1], R.exceeds_credits, T1))
+
+    # Alice is funded; the chain sent again still fails on its spent member, writing nothing.
+    clock.now = T1 + timedelta(minutes=1)
+    ledger.create_transfers([xfer(4, BANK, ALICE, 5000)])
+    funded_events = events_count(ledger_app)
+    clock.now = T1 + timedelta(days=1)
+    assert ledger.create_transfers(chain) == outcomes
+    again = restart(ledger_app, clock)
+    assert again.create_transfers(chain) == outcomes
+    assert events_count(ledger_app) == funded_events
+    # The other members' ids were not spent.
+    assert again.create_transfers([xfer(1, BANK, BOB, 100), xfer(3, BOB, BANK, 1)]) == [
+        TransferOutcome(tid(1), R.ok, clock.now),
+        TransferOutcome(tid(3), R.ok, clock.now + TICK),
+    ]
+    assert again.races_lost == 0
 
 
 # -- retries --------------------------------------------------------------------------------
@@ -330,6 +454,60 @@ def test_a_retry_with_a_different_amount_is_rejected_and_writes_nothing(ledger, 
     assert events_count(ledger_app) == before_events
 
 
+def test_a_retried_refused_transfer_gets_the_original_code_and_recorded_at_even_after_the_funds_arrived(
+    ledger, ledger_app, clock
+):
+    command = xfer(1, ALICE, BOB, 1500)
+    [original] = ledger.create_transfers([command])
+    assert original == TransferOutcome(tid(1), R.exceeds_credits, T1)
+
+    clock.now = T1 + timedelta(minutes=1)
+    assert ledger.create_transfers([xfer(2, BANK, ALICE, FUNDS)]) == [
+        TransferOutcome(tid(2), R.ok, clock.now)
+    ]
+    assert balances(ledger, ALICE) == (0, 0, 0, 2 * FUNDS)
+    before_events = events_count(ledger_app)
+    before = view(ledger)
+
+    clock.now = T1 + timedelta(days=1)
+    assert ledger.create_transfers([command]) == [original]
+    assert events_count(ledger_app) == before_events
+    assert view(ledger) == before
+
+    # After a restart the retry still answers the original, read back from the log.
+    again = restart(ledger_app, clock)
+    assert again.create_transfers([command]) == [original]
+    assert events_count(ledger_app) == before_events
+    assert view(again) == before
+    # The funds are there: the same transfer under a fresh id goes through.
+    assert again.create_transfers([xfer(3, ALICE, BOB, 1500)]) == [
+        TransferOutcome(tid(3), R.ok, clock.now)
+    ]
+    assert balances(again, ALICE) == (0, 1500, 0, 2 * FUNDS)
+    assert again.races_lost == 0
+
+
+def test_a_refused_transfer_retried_with_a_different_amount_gets_exists_with_different_amount(
+    ledger, ledger_app, clock
+):
+    ledger.create_transfers([xfer(1, ALICE, BOB, 1500)])
+    before_events = events_count(ledger_app)
+    before = view(ledger)
+    # 500 would fit, but the id is spent.
+    assert ledger.create_transfers([xfer(1, ALICE, BOB, 500)]) == [
+        TransferOutcome(tid(1), R.exists_with_different_amount)
+    ]
+    assert events_count(ledger_app) == before_events
+    assert view(ledger) == before
+    again = restart(ledger_app, clock)
+    assert again.create_transfers([xfer(1, ALICE, BOB, 500)]) == [
+        TransferOutcome(tid(1), R.exists_with_different_amount)
+    ]
+    assert events_count(ledger_app) == before_events
+    assert view(again) == before
+    assert balances(again, ALICE) == (0, 0, 0, FUNDS)
+
+
 def test_reopening_an_account_is_ok_and_writes_nothing(ledger, ledger_app):
     before_events = events_count(ledger_app)
     results = ledger.open_accounts(
@@ -359,9 +537,13 @@ def test_pending_post_in_part_and_void_through_the_writer(ledger, ledger_app, cl
     assert balances(ledger, ALICE) == (900, 0, 0, FUNDS)
     assert balances(ledger, BOB) == (0, 0, 900, 0)
     # The holds limit what may still be spent.
+    before_events = events_count(ledger_app)
     assert ledger.create_transfers([xfer(3, ALICE, BOB, 101)]) == [
-        TransferOutcome(tid(3), R.exceeds_credits)
+        TransferOutcome(tid(3), R.exceeds_credits, T1 + 2 * TICK)
     ]
+    assert event_topics(ledger_app)[before_events:] == ["TransferRejected", "BatchCommitted"]
+    assert balances(ledger, ALICE) == (900, 0, 0, FUNDS)
+    assert balances(ledger, BOB) == (0, 0, 900, 0)
 
     clock.now = T1 + timedelta(seconds=30)
     before_events = events_count(ledger_app)
@@ -471,6 +653,126 @@ def test_a_hold_expires_after_a_restart_from_the_log(ledger, ledger_app, clock):
     assert view(ledger) == view(again)
 
 
+# -- recorded rejections in the log -----------------------------------------------------------
+
+
+REFUSALS = [
+    pytest.param(xfer(1, MISSING, BOB, 5), R.debit_account_not_found, id="debit_not_found"),
+    pytest.param(xfer(1, BANK, MISSING, 5), R.credit_account_not_found, id="credit_not_found"),
+    pytest.param(post(1, tid(50), 5), R.pending_transfer_not_found, id="pending_not_found"),
+    pytest.param(xfer(1, BANK, BOB, AMOUNT_MAX), R.overflows_debits, id="overflows_debits"),
+    pytest.param(xfer(1, BOB, ALICE, AMOUNT_MAX), R.overflows_credits, id="overflows_credits"),
+    pytest.param(xfer(1, ALICE, BOB, FUNDS + 1), R.exceeds_credits, id="exceeds_credits"),
+    pytest.param(xfer(1, BANK, CAPPED, 1), R.exceeds_debits, id="exceeds_debits"),
+]
+
+
+@pytest.mark.parametrize(("command", "code"), REFUSALS)
+def test_a_recorded_rejection_survives_a_restart_and_a_replay_of_the_log(
+    ledger, ledger_app, clock, command, code
+):
+    assert ledger.open_accounts(
+        [NewAccount(CAPPED, ASSET, 3, AccountFlags.credits_must_not_exceed_debits)]
+    ) == [CreateAccountResult.ok]
+    before_events = events_count(ledger_app)
+    before = view(ledger)
+    [original] = ledger.create_transfers([command])
+    at = T1 + TICK  # CAPPED was opened at T1
+    assert original == TransferOutcome(tid(1), code, at)
+    assert event_topics(ledger_app)[before_events:] == ["TransferRejected", "BatchCommitted"]
+    rejection = Rejection(command, code, at)
+    assert view(ledger) == with_rejections(before, rejection)
+    after_events = events_count(ledger_app)
+
+    assert replay(read_facts(ledger_app)).rejected == {tid(1): rejection}
+    assert state_as_of(ledger_app).rejected == {tid(1): rejection}
+    clock.now = T1 + timedelta(days=1)
+    again = restart(ledger_app, clock)
+    assert again.state.rejected == {tid(1): rejection}
+    assert view(again) == view(ledger)
+    assert again.create_transfers([command]) == [original]
+    assert ledger.create_transfers([command]) == [original]
+    assert events_count(ledger_app) == after_events
+    assert again.races_lost == ledger.races_lost == 0
+
+
+def test_the_stored_transfer_rejected_event_carries_the_result_and_the_command_fields(
+    ledger, ledger_app
+):
+    full = xfer(
+        1,
+        ALICE,
+        BOB,
+        AMOUNT_MAX,
+        flags=F.pending,
+        timeout_s=60,
+        references=(("lease", "L-1"), ("epoch", "7")),
+        effective_at=T0,
+    )
+    minimal = xfer(2, BANK, MISSING, 5)
+    resolving = post(3, tid(77), 5)
+    outcomes = ledger.create_transfers([full, minimal, resolving])
+    assert outcomes == [
+        TransferOutcome(tid(1), R.exceeds_credits, T1),
+        TransferOutcome(tid(2), R.credit_account_not_found, T1 + TICK),
+        TransferOutcome(tid(3), R.pending_transfer_not_found, T1 + 2 * TICK),
+    ]
+    assert stored_state(ledger_app, tid(1)) == (
+        "TransferRejected",
+        1,
+        {
+            "timestamp": T1.isoformat(),
+            "result": "exceeds_credits",
+            "shard": 0,
+            "debit_account_id": str(ALICE),
+            "credit_account_id": str(BOB),
+            "amount": str(AMOUNT_MAX),
+            "asset": ASSET,
+            "code": CODE,
+            "flags": int(F.pending),
+            "timeout_s": 60,
+            "references": [["lease", "L-1"], ["epoch", "7"]],
+            "effective_at": T0.isoformat(),
+        },
+    )
+    # Fields equal to their defaults are left out.
+    assert stored_state(ledger_app, tid(2)) == (
+        "TransferRejected",
+        1,
+        {
+            "timestamp": (T1 + TICK).isoformat(),
+            "result": "credit_account_not_found",
+            "shard": 0,
+            "debit_account_id": str(BANK),
+            "credit_account_id": str(MISSING),
+            "amount": "5",
+            "asset": ASSET,
+            "code": CODE,
+        },
+    )
+    assert stored_state(ledger_app, tid(3)) == (
+        "TransferRejected",
+        1,
+        {
+            "timestamp": (T1 + 2 * TICK).isoformat(),
+            "result": "pending_transfer_not_found",
+            "shard": 0,
+            "debit_account_id": str(NIL_ID),
+            "credit_account_id": str(NIL_ID),
+            "amount": "5",
+            "asset": ASSET,
+            "code": CODE,
+            "flags": int(F.post_pending_transfer),
+            "pending_id": str(tid(77)),
+        },
+    )
+    # Read back through the mapper, each event is the rejection that was decided.
+    for command, outcome in zip([full, minimal, resolving], outcomes, strict=True):
+        [stored] = ledger_app.recorder.select_events(command.id)
+        event = ledger_app.mapper.to_domain_event(stored)
+        assert event.to_fact() == Rejection(command, outcome.result, outcome.recorded_at)
+
+
 # -- restart ----------------------------------------------------------------------------------
 
 
@@ -505,4 +807,6 @@ def test_a_restarted_writer_sees_identical_balances_after_a_mixed_history(
         tid(3): PendingStatus.posted,
     }
     assert again.state.transfers[tid(1)].recorded_at == T1
-
+    assert again.state.rejected == {
+        tid(4): Rejection(xfer(4, ALICE, BOB, 9999), R.exceeds_credits, T1 + 3 * TICK)
+    }

@@ -1,14 +1,19 @@
 """Unit tests of the pure ledger state machine (`ledger.model.LedgerState`). No database.
 
-Every result code that can occur has a test asserting the exact code and that a rejected
-command changes nothing (balances, transfers, holds, expiry queue, clock) and returns no facts.
+Every result code that can occur has a test asserting the exact code. A rejection for a
+reason that depends on the ledger's state (`TRANSIENT_RESULTS`) returns exactly one
+`Rejection` fact and changes nothing but the spent id and the clock; any other rejection
+changes nothing (balances, transfers, holds, rejections, expiry queue, clock) and returns no
+facts.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import orjson
 import pytest
 
 from ledger.events import event_for
@@ -21,6 +26,7 @@ from ledger.limits import (
 )
 from ledger.model import (
     NIL_ID,
+    TRANSIENT_RESULTS,
     Account,
     AccountFlags,
     CreateAccountResult,
@@ -31,6 +37,7 @@ from ledger.model import (
     NewTransfer,
     PendingExpiry,
     PendingStatus,
+    Rejection,
     Transfer,
     TransferFlags,
     TransferOutcome,
@@ -112,7 +119,8 @@ def void(n: int, pending: UUID, amount: int = 0, **kw) -> NewTransfer:
 
 
 def snapshot(state: LedgerState) -> tuple[object, ...]:
-    """Everything observable about a state (plus its expiry queue), by value."""
+    """Everything observable about a state (plus its expiry queue), by value:
+    (accounts, transfers, pending statuses, rejections, expiry queue, clock)."""
     return (
         {
             i: (a.asset, a.code, int(a.flags), a.shard, a.opened_at, a.balances())
@@ -120,8 +128,23 @@ def snapshot(state: LedgerState) -> tuple[object, ...]:
         },
         dict(state.transfers),
         {i: state.pending_status(i) for i in state.transfers},
+        dict(state.rejected),
         sorted(e for e in state._expiries if state.pending_status(e[1]) is PendingStatus.pending),
         state.last_recorded_at,
+    )
+
+
+def with_rejection(before: tuple[object, ...], rejection: Rejection) -> tuple[object, ...]:
+    """A snapshot as `before`, plus one recorded rejection (and the clock at its time)."""
+    accounts, transfers, statuses, rejected, expiries, _clock = before
+    assert isinstance(rejected, dict)
+    return (
+        accounts,
+        transfers,
+        statuses,
+        {**rejected, rejection.transfer.id: rejection},
+        expiries,
+        rejection.recorded_at,
     )
 
 
@@ -133,6 +156,8 @@ def balances(state: LedgerState, account_id: UUID) -> tuple[int, int, int, int]:
 def assert_rejected(
     state: LedgerState, command: NewTransfer, code: CreateTransferResult, now: datetime = T1
 ) -> None:
+    """A rejection that does not depend on the state: nothing recorded, nothing changed."""
+    assert code not in TRANSIENT_RESULTS
     before = snapshot(state)
     outcomes, facts = state.create_transfers([command], now)
     assert outcomes == [TransferOutcome(command.id, code)]
@@ -140,6 +165,28 @@ def assert_rejected(
     assert not outcomes[0].ok
     assert facts == []
     assert snapshot(state) == before
+
+
+def assert_recorded(
+    state: LedgerState, command: NewTransfer, code: CreateTransferResult, now: datetime = T1
+) -> Rejection:
+    """A rejection that depends on the state: exactly one Rejection fact, recorded at the next
+    ledger time; nothing else changes (no balance, transfer, hold or expiry). An identical
+    retry then answers the same outcome and records nothing."""
+    assert code in TRANSIENT_RESULTS
+    before = snapshot(state)
+    at = state.clock(now)
+    outcomes, facts = state.create_transfers([command], now)
+    rejection = Rejection(command, code, at)
+    assert outcomes == [TransferOutcome(command.id, code, at)]
+    assert not outcomes[0].ok
+    assert facts == [rejection]
+    assert state.rejected[command.id] == rejection
+    after = snapshot(state)
+    assert after == with_rejection(before, rejection)
+    assert state.create_transfers([command], now) == (outcomes, [])
+    assert snapshot(state) == after
+    return rejection
 
 
 def accept(state: LedgerState, commands: list[NewTransfer], now: datetime = T1) -> list[Fact]:
@@ -411,7 +458,9 @@ def test_a_post_naming_itself_as_pending_is_rejected_with_pending_id_must_be_dif
 def test_a_timeout_on_a_non_pending_transfer_is_rejected_with_timeout_reserved_for_pending_transfer(
     state,
 ):
-    assert_rejected(state, xfer(1, BANK, BOB, 1, timeout_s=60), R.timeout_reserved_for_pending_transfer)
+    assert_rejected(
+        state, xfer(1, BANK, BOB, 1, timeout_s=60), R.timeout_reserved_for_pending_transfer
+    )
 
 
 @pytest.mark.parametrize("timeout_s", [TIMEOUT_S_MAX + 1, -1], ids=["too_long", "negative"])
@@ -582,7 +631,11 @@ def test_a_retry_with_a_different_effective_at_is_rejected_with_exists_with_diff
 
 def test_a_retry_that_differs_in_many_fields_reports_the_first_in_declared_order(accepted):
     # Differs in credit account, amount, asset, code and references: credit comes first.
-    assert_rejected(accepted, xfer(1, BANK, ALICE, 7, asset="EUR", code=3), R.exists_with_different_credit_account_id)
+    assert_rejected(
+        accepted,
+        xfer(1, BANK, ALICE, 7, asset="EUR", code=3),
+        R.exists_with_different_credit_account_id,
+    )
     # Differs in amount, code and references: amount comes first.
     assert_rejected(accepted, xfer(1, BANK, BOB, 7, code=3), R.exists_with_different_amount)
     # Differs in timeout and code: timeout comes first.
@@ -615,9 +668,7 @@ def test_an_identical_retry_returns_ok_with_the_original_recorded_at_and_no_new_
 
 
 def test_an_identical_retry_in_the_same_batch_returns_the_same_recorded_at_once(state):
-    outcomes, facts = state.create_transfers(
-        [xfer(1, BANK, BOB, 5), xfer(1, BANK, BOB, 5)], T1
-    )
+    outcomes, facts = state.create_transfers([xfer(1, BANK, BOB, 5), xfer(1, BANK, BOB, 5)], T1)
     assert outcomes == [TransferOutcome(tid(1), R.ok, T1), TransferOutcome(tid(1), R.ok, T1)]
     assert [f.id for f in facts] == [tid(1)]
     assert balances(state, BOB) == (0, 0, 0, 5)
@@ -664,11 +715,11 @@ def test_the_existence_check_comes_before_balance_checks(state):
 
 
 def test_a_transfer_from_an_unknown_account_is_rejected_with_debit_account_not_found(state):
-    assert_rejected(state, xfer(1, MISSING, BOB, 1), R.debit_account_not_found)
+    assert_recorded(state, xfer(1, MISSING, BOB, 1), R.debit_account_not_found)
 
 
 def test_a_transfer_to_an_unknown_account_is_rejected_with_credit_account_not_found(state):
-    assert_rejected(state, xfer(1, BANK, MISSING, 1), R.credit_account_not_found)
+    assert_recorded(state, xfer(1, BANK, MISSING, 1), R.credit_account_not_found)
 
 
 def test_a_transfer_between_assets_is_rejected_with_accounts_must_have_the_same_asset(state):
@@ -687,7 +738,7 @@ def test_a_transfer_in_another_asset_than_its_accounts_is_rejected_with_transfer
 
 
 def test_a_post_of_an_unknown_pending_is_rejected_with_pending_transfer_not_found(state):
-    assert_rejected(state, post(2, tid(1), 1), R.pending_transfer_not_found)
+    assert_recorded(state, post(2, tid(1), 1), R.pending_transfer_not_found)
 
 
 def test_a_post_of_a_plain_transfer_is_rejected_with_pending_transfer_not_pending(state):
@@ -735,7 +786,9 @@ def test_a_post_in_another_asset_is_caught_by_the_account_asset_check_before_pen
 
 def test_a_post_with_another_code_is_rejected_with_pending_transfer_has_different_code(state):
     accept(state, [xfer(1, BANK, BOB, 10, flags=F.pending)])
-    assert_rejected(state, post(2, tid(1), 10, code=CODE + 1), R.pending_transfer_has_different_code)
+    assert_rejected(
+        state, post(2, tid(1), 10, code=CODE + 1), R.pending_transfer_has_different_code
+    )
     assert_rejected(state, void(3, tid(1), code=CODE + 1), R.pending_transfer_has_different_code)
 
 
@@ -765,7 +818,9 @@ def test_a_post_after_a_void_is_rejected_with_pending_transfer_already_voided(st
 def test_a_post_after_the_timeout_is_rejected_with_pending_transfer_expired(state):
     accept(state, [xfer(1, BANK, BOB, 10, flags=F.pending, timeout_s=60)])
     state.expire_pending(T1 + timedelta(seconds=60))
-    assert_rejected(state, post(2, tid(1), 10), R.pending_transfer_expired, T1 + timedelta(minutes=2))
+    assert_rejected(
+        state, post(2, tid(1), 10), R.pending_transfer_expired, T1 + timedelta(minutes=2)
+    )
     assert_rejected(state, void(3, tid(1)), R.pending_transfer_expired, T1 + timedelta(minutes=2))
 
 
@@ -785,7 +840,7 @@ def test_a_transfer_that_would_overflow_the_debit_balances_is_rejected_with_over
     x, y, z = open_plain(state, 60, 61, 62)
     accept(state, [xfer(1, x, y, AMOUNT_MAX - 10), xfer(2, x, z, 5, flags=F.pending)])
     # debits_posted + debits_pending + amount = MAX - 10 + 5 + 6 > MAX
-    assert_rejected(state, xfer(3, x, z, 6), R.overflows_debits)
+    assert_recorded(state, xfer(3, x, z, 6), R.overflows_debits)
     accept(state, [xfer(4, x, z, 5)])
     assert balances(state, x) == (5, AMOUNT_MAX - 5, 0, 0)
 
@@ -795,7 +850,7 @@ def test_a_transfer_that_would_overflow_the_credit_balances_is_rejected_with_ove
 ):
     x, y, z, w = open_plain(state, 60, 61, 62, 63)
     accept(state, [xfer(1, x, y, AMOUNT_MAX - 10), xfer(2, z, y, 5, flags=F.pending)])
-    assert_rejected(state, xfer(3, w, y, 6), R.overflows_credits)
+    assert_recorded(state, xfer(3, w, y, 6), R.overflows_credits)
     accept(state, [xfer(4, w, y, 5)])
     assert balances(state, y) == (0, 0, 5, AMOUNT_MAX - 5)
     assert balances(state, w) == (0, 5, 0, 0)
@@ -804,18 +859,18 @@ def test_a_transfer_that_would_overflow_the_credit_balances_is_rejected_with_ove
 def test_a_transfer_that_would_overdraw_a_constrained_account_is_rejected_with_exceeds_credits(
     state,
 ):
-    assert_rejected(state, xfer(1, ALICE, BOB, ALICE_FUNDS + 1), R.exceeds_credits)
-    assert_rejected(state, xfer(2, CAROL, BOB, 1), R.exceeds_credits)
+    assert_recorded(state, xfer(1, ALICE, BOB, ALICE_FUNDS + 1), R.exceeds_credits)
+    assert_recorded(state, xfer(2, CAROL, BOB, 1), R.exceeds_credits)
     accept(state, [xfer(3, ALICE, BOB, ALICE_FUNDS)])
     assert balances(state, ALICE) == (0, ALICE_FUNDS, 0, ALICE_FUNDS)
     assert state.accounts[ALICE].available == 0
 
 
 def test_a_transfer_that_would_overcredit_a_capped_account_is_rejected_with_exceeds_debits(state):
-    assert_rejected(state, xfer(1, BANK, CAPPED, CAPPED_DEBITS + 1), R.exceeds_debits)
+    assert_recorded(state, xfer(1, BANK, CAPPED, CAPPED_DEBITS + 1), R.exceeds_debits)
     accept(state, [xfer(2, BANK, CAPPED, 60, flags=F.pending)])
     # credits_pending counts too: 60 + 41 > 100.
-    assert_rejected(state, xfer(3, BANK, CAPPED, 41), R.exceeds_debits)
+    assert_recorded(state, xfer(3, BANK, CAPPED, 41), R.exceeds_debits)
     accept(state, [xfer(4, BANK, CAPPED, 40)])
     assert balances(state, CAPPED) == (0, CAPPED_DEBITS, 60, 40)
 
@@ -835,7 +890,9 @@ ORDER_CASES = [
     ),
     pytest.param(xfer(1, BOB, BOB, 0, asset=""), R.accounts_must_be_different, id="same<amount"),
     pytest.param(
-        xfer(1, BANK, BOB, -1, timeout_s=5), R.timeout_reserved_for_pending_transfer, id="timeout<neg"
+        xfer(1, BANK, BOB, -1, timeout_s=5),
+        R.timeout_reserved_for_pending_transfer,
+        id="timeout<neg",
     ),
     pytest.param(xfer(1, BANK, BOB, 0, code=0), R.amount_must_not_be_zero, id="amount<code"),
     pytest.param(
@@ -861,7 +918,10 @@ ORDER_CASES = [
 
 @pytest.mark.parametrize(("command", "code"), ORDER_CASES)
 def test_a_transfer_breaking_two_rules_gets_the_earlier_code(state, command, code):
-    assert_rejected(state, command, code)
+    if code in TRANSIENT_RESULTS:
+        assert_recorded(state, command, code)
+    else:
+        assert_rejected(state, command, code)
 
 
 def test_overflow_is_checked_before_the_balance_constraint(state):
@@ -870,13 +930,15 @@ def test_overflow_is_checked_before_the_balance_constraint(state):
     accept(state, [xfer(1, BANK, ALICE, AMOUNT_MAX - ALICE_FUNDS)])
     accept(state, [xfer(2, ALICE, BOB, AMOUNT_MAX)])
     assert balances(state, ALICE) == (0, AMOUNT_MAX, 0, AMOUNT_MAX)
-    assert_rejected(state, xfer(3, ALICE, BOB, 1), R.overflows_debits)
+    assert_recorded(state, xfer(3, ALICE, BOB, 1), R.overflows_debits)
 
 
 def test_resolution_checks_run_in_the_declared_order(state):
     accept(state, [xfer(1, BANK, BOB, 10, flags=F.pending), post(2, tid(1), 10)])
     # Already posted, and also a different code and too large: code is declared first.
-    assert_rejected(state, post(3, tid(1), 11, code=CODE + 1), R.pending_transfer_has_different_code)
+    assert_rejected(
+        state, post(3, tid(1), 11, code=CODE + 1), R.pending_transfer_has_different_code
+    )
     # Already posted and too large: exceeds_pending_transfer_amount is declared first.
     assert_rejected(state, post(4, tid(1), 11), R.exceeds_pending_transfer_amount)
     # Already posted and a void of the wrong amount: the amount is declared first.
@@ -945,7 +1007,7 @@ def test_posting_part_of_a_pending_transfer_releases_the_rest(state):
     assert state.accounts[ALICE].available == ALICE_FUNDS - 400
     assert state.transfers[tid(2)].amount == 400
     # The released 600 may be spent; one more unit may not.
-    assert_rejected(state, xfer(3, ALICE, BOB, 601), R.exceeds_credits)
+    assert_recorded(state, xfer(3, ALICE, BOB, 601), R.exceeds_credits)
     accept(state, [xfer(4, ALICE, BOB, 600)])
     assert state.accounts[ALICE].available == 0
 
@@ -966,11 +1028,11 @@ def test_voiding_a_pending_transfer_releases_the_hold(state, amount):
 
 def test_a_hold_reduces_what_may_be_spent(state):
     accept(state, [xfer(1, ALICE, BOB, 800, flags=F.pending)])
-    assert_rejected(state, xfer(2, ALICE, BOB, 201), R.exceeds_credits)
-    assert_rejected(state, xfer(3, ALICE, BOB, 201, flags=F.pending), R.exceeds_credits)
+    assert_recorded(state, xfer(2, ALICE, BOB, 201), R.exceeds_credits)
+    assert_recorded(state, xfer(3, ALICE, BOB, 201, flags=F.pending), R.exceeds_credits)
     accept(state, [xfer(4, ALICE, BOB, 200)])
     assert state.accounts[ALICE].available == 0
-    assert_rejected(state, xfer(5, ALICE, BOB, 1), R.exceeds_credits)
+    assert_recorded(state, xfer(5, ALICE, BOB, 1), R.exceeds_credits)
 
 
 def test_a_hold_can_never_be_spent_twice(state):
@@ -989,7 +1051,7 @@ def test_a_hold_can_never_be_spent_twice(state):
     assert balances(state, BOB) == (0, 0, 0, 800)
     assert state.accounts[ALICE].available == 200
     # The posted hold is gone; what remains is exactly what was left.
-    assert_rejected(state, xfer(6, ALICE, BOB, 201), R.exceeds_credits)
+    assert_recorded(state, xfer(6, ALICE, BOB, 201), R.exceeds_credits)
 
 
 def test_a_partly_posted_hold_cannot_be_posted_again_for_the_rest(state):
@@ -1048,12 +1110,15 @@ def test_expire_pending_releases_holds_whose_timeout_passed(state):
 
 def test_an_expired_hold_frees_the_funds_for_other_transfers(state):
     accept(state, [xfer(1, ALICE, BOB, ALICE_FUNDS, flags=F.pending, timeout_s=10)])
-    assert_rejected(state, xfer(2, ALICE, BOB, 1), R.exceeds_credits)
+    assert_recorded(state, xfer(2, ALICE, BOB, 1), R.exceeds_credits)
     at = T1 + timedelta(seconds=11)
-    outcomes, facts = state.create_transfers([xfer(2, ALICE, BOB, ALICE_FUNDS)], at)
-    assert outcomes == [TransferOutcome(tid(2), R.ok, at + TICK)]
+    # tid(2) is spent by its rejection: the spending transfer takes a new id.
+    outcomes, facts = state.create_transfers([xfer(3, ALICE, BOB, ALICE_FUNDS)], at)
+    assert outcomes == [TransferOutcome(tid(3), R.ok, at + TICK)]
     assert facts[0] == PendingExpiry(tid(1), at)
-    assert facts[1].id == tid(2)
+    assert isinstance(facts[1], Transfer)
+    assert facts[1].id == tid(3)
+    assert len(facts) == 2
     assert balances(state, ALICE) == (0, ALICE_FUNDS, 0, ALICE_FUNDS)
 
 
@@ -1106,10 +1171,12 @@ def test_a_linked_chain_whose_last_transfer_fails_applies_nothing(state):
     assert outcomes == [
         TransferOutcome(tid(1), R.linked_event_failed),
         TransferOutcome(tid(2), R.linked_event_failed),
-        TransferOutcome(tid(3), R.exceeds_credits),
+        TransferOutcome(tid(3), R.exceeds_credits, T1),
     ]
-    assert facts == []
-    assert snapshot(state) == before
+    # Only the failing member's rejection is recorded, at the time the chain started.
+    rejection = Rejection(xfer(3, ALICE, BOB, 5000), R.exceeds_credits, T1)
+    assert facts == [rejection]
+    assert snapshot(state) == with_rejection(before, rejection)
 
 
 def test_a_linked_chain_failing_in_the_middle_fails_the_rest_with_linked_event_failed(state):
@@ -1136,18 +1203,21 @@ def test_a_failed_chain_undoes_a_pending_transfer_and_its_post_made_inside_it(st
     outcomes, facts = state.create_transfers(
         [
             xfer(1, ALICE, BOB, 300, flags=F.pending | F.linked, timeout_s=60),
-            xfer(2, NIL_ID, NIL_ID, 200, flags=F.post_pending_transfer | F.linked, pending_id=tid(1)),
+            xfer(
+                2, NIL_ID, NIL_ID, 200, flags=F.post_pending_transfer | F.linked, pending_id=tid(1)
+            ),
             xfer(3, CAROL, BOB, 1),
         ],
         T1,
     )
-    assert [o.result for o in outcomes] == [
-        R.linked_event_failed,
-        R.linked_event_failed,
-        R.exceeds_credits,
+    assert outcomes == [
+        TransferOutcome(tid(1), R.linked_event_failed),
+        TransferOutcome(tid(2), R.linked_event_failed),
+        TransferOutcome(tid(3), R.exceeds_credits, T1),
     ]
-    assert facts == []
-    assert snapshot(state) == before
+    rejection = Rejection(xfer(3, CAROL, BOB, 1), R.exceeds_credits, T1)
+    assert facts == [rejection]
+    assert snapshot(state) == with_rejection(before, rejection)
     assert state.pending_status(tid(1)) is None
     assert state.expire_pending(T1 + timedelta(hours=1)) == []
 
@@ -1164,9 +1234,15 @@ def test_transfers_before_a_failed_chain_in_the_same_batch_still_apply(state):
     assert outcomes == [
         TransferOutcome(tid(1), R.ok, T1),
         TransferOutcome(tid(2), R.linked_event_failed),
-        TransferOutcome(tid(3), R.debit_account_not_found),
+        TransferOutcome(tid(3), R.debit_account_not_found, T1 + TICK),
     ]
-    assert [f.id for f in facts] == [tid(1)]
+    assert facts == [
+        state.transfers[tid(1)],
+        Rejection(xfer(3, MISSING, BOB, 30), R.debit_account_not_found, T1 + TICK),
+    ]
+    assert set(state.transfers) == {FUND_ALICE, FUND_CAPPED, tid(1)}
+    assert set(state.rejected) == {tid(3)}
+    assert state.last_recorded_at == T1 + TICK
     assert balances(state, BOB) == (0, 0, 0, 10)
 
 
@@ -1243,6 +1319,418 @@ def test_expiries_due_before_a_failed_chain_are_kept(state):
     assert balances(state, ALICE) == (0, 0, 0, ALICE_FUNDS)
 
 
+# -- recorded rejections: a refused transfer's id is spent ----------------------------------
+
+
+def test_the_codes_recorded_as_rejections_are_exactly_those_that_depend_on_the_state():
+    assert {
+        R.debit_account_not_found,
+        R.credit_account_not_found,
+        R.pending_transfer_not_found,
+        R.overflows_debits,
+        R.overflows_credits,
+        R.exceeds_credits,
+        R.exceeds_debits,
+    } == TRANSIENT_RESULTS
+
+
+def test_a_retried_refused_transfer_gets_the_original_code_and_recorded_at_even_after_the_funds_arrived(
+    state,
+):
+    command = xfer(1, CAROL, BOB, 50)
+    assert state.create_transfers([command], T1) == (
+        [TransferOutcome(tid(1), R.exceeds_credits, T1)],
+        [Rejection(command, R.exceeds_credits, T1)],
+    )
+    funded_at = T1 + timedelta(minutes=1)
+    accept(state, [xfer(2, BANK, CAROL, 500)], funded_at)
+    assert state.accounts[CAROL].available == 500
+    funded = snapshot(state)
+
+    later = T1 + timedelta(days=1)
+    assert state.create_transfers([command], later) == (
+        [TransferOutcome(tid(1), R.exceeds_credits, T1)],
+        [],
+    )
+    assert snapshot(state) == funded
+    assert balances(state, CAROL) == (0, 0, 0, 500)
+    # The funds are there: the same transfer under a fresh id goes through.
+    outcomes, _facts = state.create_transfers([xfer(3, CAROL, BOB, 50)], later)
+    assert outcomes == [TransferOutcome(tid(3), R.ok, later)]
+    assert balances(state, CAROL) == (0, 50, 0, 500)
+
+
+def _refuse_unknown_debit(state: LedgerState) -> NewTransfer:
+    return xfer(1, UUID(int=60), BOB, 5)
+
+
+def _refuse_unknown_credit(state: LedgerState) -> NewTransfer:
+    return xfer(1, BANK, UUID(int=60), 5)
+
+
+def _open_the_unknown_account(state: LedgerState) -> None:
+    open_plain(state, 60)
+
+
+def _refuse_unknown_pending(state: LedgerState) -> NewTransfer:
+    return post(1, tid(51), 5)
+
+
+def _create_the_pending(state: LedgerState) -> None:
+    accept(state, [xfer(51, BANK, BOB, 5, flags=F.pending)])
+
+
+def _refuse_overflowing_debits(state: LedgerState) -> NewTransfer:
+    x, y, z = open_plain(state, 60, 61, 62)
+    accept(state, [xfer(51, x, y, AMOUNT_MAX - 10), xfer(52, x, z, 5, flags=F.pending)])
+    return xfer(1, x, z, 6)
+
+
+def _refuse_overflowing_credits(state: LedgerState) -> NewTransfer:
+    x, y, z, w = open_plain(state, 60, 61, 62, 63)
+    accept(state, [xfer(51, x, y, AMOUNT_MAX - 10), xfer(52, z, y, 5, flags=F.pending)])
+    return xfer(1, w, y, 6)
+
+
+def _void_the_pending(state: LedgerState) -> None:
+    accept(state, [void(53, tid(52))])
+
+
+def _refuse_overdraft(state: LedgerState) -> NewTransfer:
+    return xfer(1, CAROL, BOB, 5)
+
+
+def _fund_carol(state: LedgerState) -> None:
+    accept(state, [xfer(51, BANK, CAROL, 5)])
+
+
+def _refuse_overcredit(state: LedgerState) -> NewTransfer:
+    return xfer(1, BANK, CAPPED, CAPPED_DEBITS + 1)
+
+
+def _debit_capped(state: LedgerState) -> None:
+    accept(state, [xfer(51, CAPPED, BANK, 1)])
+
+
+REFUSALS = [
+    pytest.param(
+        _refuse_unknown_debit, R.debit_account_not_found, _open_the_unknown_account, id="debit"
+    ),
+    pytest.param(
+        _refuse_unknown_credit, R.credit_account_not_found, _open_the_unknown_account, id="credit"
+    ),
+    pytest.param(
+        _refuse_unknown_pending, R.pending_transfer_not_found, _create_the_pending, id="pending"
+    ),
+    pytest.param(
+        _refuse_overflowing_debits, R.overflows_debits, _void_the_pending, id="overflows_debits"
+    ),
+    pytest.param(
+        _refuse_overflowing_credits, R.overflows_credits, _void_the_pending, id="overflows_credits"
+    ),
+    pytest.param(_refuse_overdraft, R.exceeds_credits, _fund_carol, id="exceeds_credits"),
+    pytest.param(_refuse_overcredit, R.exceeds_debits, _debit_capped, id="exceeds_debits"),
+]
+
+
+@pytest.mark.parametrize(("refuse", "code", "change"), REFUSALS)
+def test_a_refused_transfer_retried_after_the_state_changed_still_gets_its_original_answer(
+    state, refuse, code, change
+):
+    command = refuse(state)
+    rejection = assert_recorded(state, command, code)
+    change(state)
+    changed = snapshot(state)
+
+    later = T1 + timedelta(days=1)
+    outcomes, facts = state.create_transfers([command], later)
+    assert outcomes == [TransferOutcome(command.id, code, rejection.recorded_at)]
+    assert facts == []
+    assert snapshot(state) == changed
+    # The change is real: the same transfer under a fresh id is accepted now.
+    accept(state, [replace(command, id=tid(2))], later)
+
+
+@pytest.fixture
+def refused(state: LedgerState) -> LedgerState:
+    """State with three refused transfers, recorded at T1: tid(1) a plain overdraft of Carol
+    with references, tid(2) a post of an unknown pending, tid(3) a pending overdraft with a
+    timeout."""
+    outcomes, facts = state.create_transfers(
+        [
+            xfer(1, CAROL, BOB, 50, references=(("lease", "L-1"),)),
+            post(2, tid(77), 5),
+            xfer(3, CAROL, BOB, 70, flags=F.pending, timeout_s=3600),
+        ],
+        T1,
+    )
+    assert [o.result for o in outcomes] == [
+        R.exceeds_credits,
+        R.pending_transfer_not_found,
+        R.exceeds_credits,
+    ]
+    assert [type(f) for f in facts] == [Rejection] * 3
+    state.commit()
+    return state
+
+
+def test_a_refused_transfer_retried_with_a_different_amount_gets_exists_with_different_amount(
+    refused,
+):
+    original = refused.rejected[tid(1)]
+    assert_rejected(
+        refused,
+        xfer(1, CAROL, BOB, 51, references=(("lease", "L-1"),)),
+        R.exists_with_different_amount,
+    )
+    # Even once the transfer would fit: the id is spent.
+    accept(refused, [xfer(4, BANK, CAROL, 1000)])
+    assert_rejected(
+        refused,
+        xfer(1, CAROL, BOB, 40, references=(("lease", "L-1"),)),
+        R.exists_with_different_amount,
+    )
+    assert refused.rejected[tid(1)] == original
+    assert tid(1) not in refused.transfers
+
+
+REFUSED_RETRIES = [
+    pytest.param(
+        xfer(1, CAROL, BOB, 50, flags=F.pending, references=(("lease", "L-1"),)),
+        R.exists_with_different_flags,
+        id="flags",
+    ),
+    pytest.param(
+        xfer(1, ALICE, BOB, 50, references=(("lease", "L-1"),)),
+        R.exists_with_different_debit_account_id,
+        id="debit_account_id",
+    ),
+    pytest.param(
+        xfer(1, CAROL, BANK, 50, references=(("lease", "L-1"),)),
+        R.exists_with_different_credit_account_id,
+        id="credit_account_id",
+    ),
+    pytest.param(post(2, tid(78), 5), R.exists_with_different_pending_id, id="pending_id"),
+    pytest.param(
+        xfer(3, CAROL, BOB, 70, flags=F.pending, timeout_s=3601),
+        R.exists_with_different_timeout,
+        id="timeout",
+    ),
+    pytest.param(
+        xfer(1, CAROL, BOB, 50, asset="EUR", references=(("lease", "L-1"),)),
+        R.exists_with_different_asset,
+        id="asset",
+    ),
+    pytest.param(
+        xfer(1, CAROL, BOB, 50, code=CODE + 1, references=(("lease", "L-1"),)),
+        R.exists_with_different_code,
+        id="code",
+    ),
+    pytest.param(
+        xfer(1, CAROL, BOB, 50, references=(("lease", "L-2"),)),
+        R.exists_with_different_references,
+        id="references",
+    ),
+    pytest.param(xfer(1, CAROL, BOB, 50), R.exists_with_different_references, id="no_references"),
+    pytest.param(
+        xfer(1, CAROL, BOB, 50, references=(("lease", "L-1"),), effective_at=T0),
+        R.exists_with_different_effective_at,
+        id="effective_at",
+    ),
+]
+
+
+@pytest.mark.parametrize(("command", "code"), REFUSED_RETRIES)
+def test_a_refused_transfer_retried_with_another_field_gets_exists_with_different_that_field(
+    refused, command, code
+):
+    assert_rejected(refused, command, code)
+
+
+def test_a_retry_of_a_refused_transfer_that_differs_in_many_fields_reports_the_first_in_declared_order(
+    refused,
+):
+    # Differs in credit account, amount, asset, code and references: credit comes first.
+    assert_rejected(
+        refused,
+        xfer(1, CAROL, ALICE, 7, asset="EUR", code=3),
+        R.exists_with_different_credit_account_id,
+    )
+    # Differs in amount, code and references: amount comes first.
+    assert_rejected(refused, xfer(1, CAROL, BOB, 7, code=3), R.exists_with_different_amount)
+    # Differs in timeout and code: timeout comes first.
+    assert_rejected(
+        refused,
+        xfer(3, CAROL, BOB, 70, flags=F.pending, timeout_s=5, code=3),
+        R.exists_with_different_timeout,
+    )
+
+
+def test_the_refused_id_check_comes_after_field_validation(refused):
+    assert_rejected(
+        refused, xfer(1, CAROL, BOB, 0, references=(("lease", "L-1"),)), R.amount_must_not_be_zero
+    )
+
+
+def test_an_identical_refused_transfer_twice_in_one_batch_is_recorded_once(state):
+    command = xfer(1, CAROL, BOB, 5)
+    outcomes, facts = state.create_transfers([command, command], T1)
+    assert outcomes == [TransferOutcome(tid(1), R.exceeds_credits, T1)] * 2
+    assert facts == [Rejection(command, R.exceeds_credits, T1)]
+
+
+def test_a_refused_id_stays_refused_when_the_state_changes_later_in_the_same_batch(state):
+    command = xfer(1, CAROL, BOB, 5)
+    outcomes, facts = state.create_transfers([command, xfer(2, BANK, CAROL, 5), command], T1)
+    assert outcomes == [
+        TransferOutcome(tid(1), R.exceeds_credits, T1),
+        TransferOutcome(tid(2), R.ok, T1 + TICK),
+        TransferOutcome(tid(1), R.exceeds_credits, T1),
+    ]
+    assert facts == [Rejection(command, R.exceeds_credits, T1), state.transfers[tid(2)]]
+    assert balances(state, CAROL) == (0, 0, 0, 5)
+
+
+@pytest.fixture
+def resolved(state: LedgerState) -> LedgerState:
+    """State with tid(50) a posted pending (posted by tid(51)) and tid(52) a plain transfer."""
+    accept(
+        state,
+        [
+            xfer(50, BANK, BOB, 10, flags=F.pending),
+            post(51, tid(50), 10),
+            xfer(52, BANK, BOB, 10),
+        ],
+    )
+    state.commit()
+    return state
+
+
+NON_TRANSIENT = [
+    pytest.param(xfer(1, BOB, BOB, 5), R.accounts_must_be_different, id="same_accounts"),
+    pytest.param(xfer(1, BANK, BOB, 0), R.amount_must_not_be_zero, id="amount_zero"),
+    pytest.param(xfer(1, BANK, EURO, 5), R.accounts_must_have_the_same_asset, id="assets"),
+    pytest.param(xfer(1, BANK, BOB, 5, flags=F.linked), R.linked_event_chain_open, id="open"),
+    pytest.param(post(1, tid(50), 10), R.pending_transfer_already_posted, id="posted"),
+    pytest.param(post(1, tid(52), 10), R.pending_transfer_not_pending, id="not_pending"),
+    pytest.param(xfer(51, BANK, BOB, 5), R.exists_with_different_flags, id="exists"),
+]
+
+
+@pytest.mark.parametrize(("command", "code"), NON_TRANSIENT)
+def test_a_non_transient_rejection_records_nothing_and_the_id_may_be_used_again(
+    resolved, command, code
+):
+    assert_rejected(resolved, command, code)
+    # Asked again, it answers the same, and still records nothing.
+    assert_rejected(resolved, command, code, T1 + timedelta(days=1))
+    if command.id not in resolved.transfers:
+        later = T1 + timedelta(days=2)
+        outcomes, _facts = resolved.create_transfers([xfer(command.id, BANK, BOB, 5)], later)
+        assert outcomes == [TransferOutcome(command.id, R.ok, later)]
+
+
+def test_a_failing_chain_records_only_the_failing_member(state):
+    before = snapshot(state)
+    chain = [
+        xfer(1, BANK, BOB, 100, flags=F.linked),
+        xfer(2, CAROL, BOB, 5, flags=F.linked),
+        xfer(3, BOB, BANK, 1),
+    ]
+    outcomes, facts = state.create_transfers(chain, T1)
+    assert outcomes == [
+        TransferOutcome(tid(1), R.linked_event_failed),
+        TransferOutcome(tid(2), R.exceeds_credits, T1),
+        TransferOutcome(tid(3), R.linked_event_failed),
+    ]
+    rejection = Rejection(chain[1], R.exceeds_credits, T1)
+    assert facts == [rejection]
+    assert state.rejected == {tid(2): rejection}
+    assert snapshot(state) == with_rejection(before, rejection)
+
+    # Carol is funded; the same chain sent again still fails on its spent member, as before.
+    accept(state, [xfer(4, BANK, CAROL, 5)], T1 + timedelta(minutes=1))
+    funded = snapshot(state)
+    later = T1 + timedelta(days=1)
+    assert state.create_transfers(chain, later) == (outcomes, [])
+    assert snapshot(state) == funded
+    # The other members' ids were not spent.
+    outcomes, _facts = state.create_transfers(
+        [xfer(1, BANK, BOB, 100), xfer(3, BOB, BANK, 1)], later
+    )
+    assert outcomes == [
+        TransferOutcome(tid(1), R.ok, later),
+        TransferOutcome(tid(3), R.ok, later + TICK),
+    ]
+
+
+def test_a_chain_failing_on_a_spent_id_with_other_fields_records_nothing(state):
+    assert_recorded(state, xfer(2, CAROL, BOB, 5), R.exceeds_credits)
+    before = snapshot(state)
+    outcomes, facts = state.create_transfers(
+        [xfer(1, BANK, BOB, 100, flags=F.linked), xfer(2, CAROL, BOB, 6)], T1
+    )
+    assert outcomes == [
+        TransferOutcome(tid(1), R.linked_event_failed),
+        TransferOutcome(tid(2), R.exists_with_different_amount),
+    ]
+    assert facts == []
+    assert snapshot(state) == before
+
+
+def test_rolling_back_undoes_a_recorded_rejection_and_its_clock_tick(state):
+    before = snapshot(state)
+    mark = state.mark()
+    command = xfer(1, CAROL, BOB, 5)
+    assert_recorded(state, command, R.exceeds_credits)
+    state.rollback(mark)
+    assert snapshot(state) == before
+    assert tid(1) not in state.rejected
+    # Decided again from scratch, it is recorded anew at the later time.
+    later = T1 + timedelta(seconds=1)
+    assert assert_recorded(state, command, R.exceeds_credits, later).recorded_at == later
+
+
+@pytest.mark.parametrize(("refuse", "code", "change"), REFUSALS)
+def test_a_recorded_rejection_belongs_to_the_shard_whose_state_recorded_it(
+    state, refuse, code, change
+):
+    command = refuse(state)
+    rejection = assert_recorded(state, command, code)
+    assert rejection.shard == 0
+    assert state.owns(rejection)
+    # A state of another shard does not take it.
+    other = LedgerState(shard=1)
+    other.open_accounts([NewAccount(UUID(int=500), ASSET, 1, shard=1)], T0)
+    assert not other.owns(rejection)
+
+
+def test_a_rejection_read_back_from_its_event_is_the_same_fact():
+    full = Rejection(
+        xfer(
+            1,
+            ALICE,
+            BOB,
+            AMOUNT_MAX,
+            flags=F.pending | F.linked,
+            timeout_s=60,
+            references=(("lease", "L-1"), ("epoch", "7")),
+            effective_at=T0,
+        ),
+        R.overflows_debits,
+        T1,
+    )
+    minimal = Rejection(xfer(2, MISSING, BOB, 1), R.debit_account_not_found, T1 + TICK)
+    resolving = Rejection(void(3, tid(77)), R.pending_transfer_not_found, T1 + 2 * TICK)
+    for rejection in (full, minimal, resolving):
+        event = event_for(rejection)
+        assert (event.originator_id, event.originator_version) == (rejection.transfer.id, 1)
+        assert event.timestamp == rejection.recorded_at
+        assert event.to_fact() == rejection
+        stored = orjson.loads(orjson.dumps(event.to_state()))
+        assert type(event).from_state(rejection.transfer.id, 1, stored).to_fact() == rejection
+
+
 # -- rollback -------------------------------------------------------------------------------
 
 
@@ -1307,7 +1795,8 @@ def test_rollback_after_commit_undoes_nothing(state):
 
 
 def _scenario() -> tuple[LedgerState, list[Fact]]:
-    """Every kind of fact, including rejected commands (which must leave no trace)."""
+    """Every kind of fact, and rejected commands: a state-dependent rejection leaves exactly
+    its Rejection fact, any other rejection leaves no trace."""
     s = LedgerState()
     facts: list[Fact] = []
     results, opened = s.open_accounts(
@@ -1330,7 +1819,7 @@ def _scenario() -> tuple[LedgerState, list[Fact]]:
                 xfer(1, BANK, ALICE, 1000),
                 xfer(2, CAPPED, BANK, 100),
                 xfer(3, EURO, EURO2, 7, asset="EUR", references=(("k", "v"),)),
-                xfer(4, ALICE, BOB, 5000),  # rejected
+                xfer(4, ALICE, BOB, 5000),  # refused: recorded
             ],
             T1,
         ),
@@ -1352,6 +1841,14 @@ def _scenario() -> tuple[LedgerState, list[Fact]]:
             T1 + timedelta(seconds=3),
         ),
         ([xfer(13, ALICE, BOB, 10), xfer(1, BANK, ALICE, 1000)], T1 + timedelta(minutes=2)),
+        (
+            [
+                xfer(17, MISSING, BOB, 1),  # refused: recorded
+                post(18, tid(77), 1),  # refused: recorded
+                xfer(4, ALICE, BOB, 5000),  # a retry of a refused transfer: records nothing
+            ],
+            T1 + timedelta(minutes=3),
+        ),
     ]
     for commands, now in steps:
         _outcomes, new = s.create_transfers(commands, now)
@@ -1359,11 +1856,19 @@ def _scenario() -> tuple[LedgerState, list[Fact]]:
     facts += s.expire_pending(T1 + timedelta(hours=1))
     s.commit()
     assert sum(isinstance(f, PendingExpiry) for f in facts) == 1
+    assert [f for f in facts if isinstance(f, Rejection)] == [
+        Rejection(xfer(4, ALICE, BOB, 5000), R.exceeds_credits, T1 + 3 * TICK),
+        Rejection(xfer(17, MISSING, BOB, 1), R.debit_account_not_found, T1 + timedelta(minutes=3)),
+        Rejection(
+            post(18, tid(77), 1), R.pending_transfer_not_found, T1 + timedelta(minutes=3) + TICK
+        ),
+    ]
     return s, facts
 
 
 def _state_view(state: LedgerState) -> tuple[object, ...]:
-    return (*snapshot(state)[:3], state.last_recorded_at, state.trial_balance())
+    """(accounts, transfers, pending statuses, rejections, clock, trial balance)."""
+    return (*snapshot(state)[:4], state.last_recorded_at, state.trial_balance())
 
 
 def test_replaying_the_facts_as_returned_reproduces_identical_balances():
@@ -1386,6 +1891,7 @@ def test_replaying_the_facts_as_read_back_from_the_log_reproduces_identical_stat
     assert rebuilt.pending_status(tid(6)) is PendingStatus.posted
     assert rebuilt.pending_status(tid(7)) is PendingStatus.voided
     assert rebuilt.trial_balance() == {ASSET: (1000 + 100 + 40 + 160,) * 2, "EUR": (7, 7)}
+    assert set(rebuilt.rejected) == {tid(4), tid(17), tid(18)}
     # The rebuilt state decides exactly as the live one would.
     later = T1 + timedelta(hours=2)
     commands = [
@@ -1393,6 +1899,19 @@ def test_replaying_the_facts_as_read_back_from_the_log_reproduces_identical_stat
         post(14, tid(5), 1),
         xfer(15, ALICE, BOB, 841),
         xfer(16, ALICE, BOB, 840),
+        xfer(4, ALICE, BOB, 5000),
+        xfer(4, ALICE, BOB, 10),
+        xfer(17, MISSING, BOB, 1),
+        post(18, tid(77), 1),
     ]
-    assert rebuilt.create_transfers(commands, later)[0] == live.create_transfers(commands, later)[0]
+    rebuilt_outcomes, rebuilt_facts = rebuilt.create_transfers(commands, later)
+    live_outcomes, live_facts = live.create_transfers(commands, later)
+    assert rebuilt_outcomes == live_outcomes
+    assert rebuilt_facts == live_facts
+    assert rebuilt_outcomes[4:] == [
+        TransferOutcome(tid(4), R.exceeds_credits, T1 + 3 * TICK),
+        TransferOutcome(tid(4), R.exists_with_different_amount),
+        TransferOutcome(tid(17), R.debit_account_not_found, T1 + timedelta(minutes=3)),
+        TransferOutcome(tid(18), R.pending_transfer_not_found, T1 + timedelta(minutes=3) + TICK),
+    ]
     assert _state_view(rebuilt) == _state_view(live)
