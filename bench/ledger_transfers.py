@@ -146,10 +146,14 @@ def raw_copy_rate(url: str, schema: str, rows: list[tuple[uuid.UUID, int, str, b
         chunk = 8190
         started = time.perf_counter()
         for start in range(0, len(rows), chunk):
-            with conn.transaction(), conn.cursor() as curs, curs.copy(
-                f"COPY {schema}.copy_reference "
-                "(originator_id, originator_version, topic, state) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
+            with (
+                conn.transaction(),
+                conn.cursor() as curs,
+                curs.copy(
+                    f"COPY {schema}.copy_reference "
+                    "(originator_id, originator_version, topic, state) FROM STDIN (FORMAT BINARY)"
+                ) as copy,
+            ):
                 copy.set_types(["uuid", "int8", "text", "bytea"])
                 for row in rows[start : start + chunk]:
                     copy.write_row(row)

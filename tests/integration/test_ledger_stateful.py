@@ -28,7 +28,6 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import psycopg
-import pytest
 from hypothesis import HealthCheck, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
