@@ -73,7 +73,7 @@ def run_workload(
 
     # Each client's requests are generated before the clock starts: the figure measures the
     # ledger, not the load generator. Enough for the target rate and then some.
-    requests_max = int(seconds * 40_000 / (clients * request_size)) + in_flight + 1
+    requests_max = int(seconds * 60_000 / (clients * request_size)) + in_flight + 1
 
     def make_requests(index: int) -> list[list[NewTransfer]]:
         rng = random.Random(index * 7919 + (1 if name == "hot" else 0))
