@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 
 from pydantic import ValidationError
 
@@ -29,7 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     balances = commands.add_parser(
         "trial-balance", help="print every account and the trial balance"
     )
-    balances.add_argument("--as-of-position", type=int, default=None, metavar="N")
+    balances.add_argument(
+        "--as-of-position", type=_position, default=None, metavar="N", help="a log position"
+    )
+    balances.add_argument(
+        "--as-of-time",
+        type=_aware_time,
+        default=None,
+        metavar="TIME",
+        help="ISO 8601 time with offset, e.g. 2026-11-23T18:00:00+00:00",
+    )
     balances.set_defaults(run=_run_trial_balance)
 
     args = parser.parse_args(argv)
@@ -50,6 +60,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _position(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a log position: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a log position is >= 0, got {value}")
+    return value
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give the time with its offset, e.g. {text}+00:00")
+    return value
+
+
 def _run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from workers.demo import run_demo
 
@@ -62,11 +92,15 @@ def _run_trial_balance(settings: Settings, args: argparse.Namespace) -> int:
     from workers.report import print_accounts
 
     with open_ledger(settings) as ledger:
-        state = (
-            ledger.writer.state
-            if args.as_of_position is None
-            else state_as_of(ledger.app, position=args.as_of_position)
-        )
+        if args.as_of_position is None and args.as_of_time is None:
+            state = ledger.writer.state
+        else:
+            state = state_as_of(
+                ledger.app,
+                shard=settings.ledger_shard,
+                position=args.as_of_position,
+                at=args.as_of_time,
+            )
         balanced = print_accounts(state, names={})
     return 0 if balanced else 3
 

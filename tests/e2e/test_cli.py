@@ -63,6 +63,39 @@ def test_trial_balance_as_of_an_earlier_position_shows_the_ledger_as_it_stood(
     assert "BALANCED" in run.stdout
 
 
+def test_trial_balance_as_of_a_time_before_anything_happened_is_empty_and_balanced(
+    cli_env, tmp_path
+) -> None:
+    assert aether("demo", env=cli_env, cwd=tmp_path).returncode == 0
+    run = aether(
+        "trial-balance", "--as-of-time", "2000-01-01T00:00:00+00:00", env=cli_env, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    assert "trial balance" not in run.stdout  # no account existed yet
+    now = aether(
+        "trial-balance", "--as-of-time", "2999-01-01T00:00:00+00:00", env=cli_env, cwd=tmp_path
+    )
+    assert "debits 1,600 = credits 1,600" in now.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--as-of-position", "-3"], "a log position is >= 0"),
+        (["--as-of-position", "ten"], "not a log position"),
+        (["--as-of-time", "yesterday"], "not an ISO 8601 time"),
+        (["--as-of-time", "2026-01-01T00:00:00"], "give the time with its offset"),
+    ],
+)
+def test_bad_as_of_arguments_are_refused_with_a_clear_message(
+    cli_env, tmp_path, args, message
+) -> None:
+    run = aether("trial-balance", *args, env=cli_env, cwd=tmp_path)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_an_invalid_database_url_is_a_clear_configuration_error(tmp_path) -> None:
     run = aether("demo", env={"DATABASE_URL": "postgresql://x@/db?nonsense=1"}, cwd=tmp_path)
     assert run.returncode == 2
