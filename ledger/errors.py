@@ -21,3 +21,8 @@ class WriterRaceLostError(LedgerError):
 
 class WriterStoppedError(LedgerError):
     """The writer was stopped; the request was not applied."""
+
+
+class WriterStateError(LedgerError):
+    """The log holds an event the writer's state does not know: a bug, never a race.
+    Nothing was written; restart the writer to rebuild its state from the log."""

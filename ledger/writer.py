@@ -33,7 +33,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
 
-from ledger.errors import WriterRaceLostError, WriterStoppedError
+from ledger.errors import WriterRaceLostError, WriterStateError, WriterStoppedError
 from ledger.events import BatchCommitted, LedgerEvent, shard_stream_id
 from ledger.limits import (
     BATCH_SIZE_MAX,
@@ -331,10 +331,16 @@ class LedgerWriter:
             decided = self._decide(batch)
             try:
                 ids = self.app.recorder.insert_events(decided.stored) if decided.stored else []
-            except IntegrityError:
+            except IntegrityError as e:
                 # Another writer committed first: undo our decisions, read theirs, retry.
                 self.state.rollback(decided.undo_start)
                 self._decided_batch_number = self.batch_number
+                if self._head_batch_number() == self.batch_number:
+                    # Nobody else wrote: the log holds an event our state does not know.
+                    raise WriterStateError(
+                        f"shard {self.shard}: an event of this batch is already stored but "
+                        f"unknown to the writer at position {self.position}: {e}"
+                    ) from e
                 self.races_lost += 1
                 # Back off a little (with jitter) so that a writer with a big batch gets a
                 # window against one that commits small batches back to back.

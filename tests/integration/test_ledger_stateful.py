@@ -5,17 +5,20 @@ schema per run through random sequences of: opening accounts (two assets; uncons
 debits_must_not_exceed_credits, credits_must_not_exceed_debits), single-phase transfers,
 pending transfers (some with a timeout), full and partial posts, voids, clock moves (forward
 so holds expire, and backward), expire_pending, linked chains (some poisoned so they fail
-part-way, some that post or void a hold created earlier in the same chain), writer restarts,
-and retries of earlier requests (identical, and with a different amount).
+part-way, some that post or void a hold created earlier in the same chain), transfers naming
+unknown accounts or holds (refusals that are recorded), several requests in flight at once
+through the writer's pipeline, writer restarts, and retries of earlier requests (identical,
+without effective_at, and with a different amount).
 
 Next to the writer runs `Model`: a small, separately written model of the books (plain dicts
-of balances, holds and transfers) that predicts every result code, every recorded_at and the
-number of events each request writes. After every step the machine checks:
+of balances, holds, transfers and recorded refusals) that predicts every result code, every
+recorded_at and the number of events each request writes. After every step the machine checks:
 
-- per asset, sum(debits_posted) == sum(credits_posted) and sum(debits_pending) == sum(credits_pending);
+- per asset, sum(debits_posted) == sum(credits_posted), and the same for the pending sums;
 - no account breaks its balance constraint flag;
-- the model and the writer agree on every account, transfer and hold;
-- `replay(read_facts(app))` and a fresh `LedgerWriter(app)` rebuild exactly the live state.
+- the model and the writer agree on every account, transfer, hold and recorded refusal;
+- `replay(read_facts(app))` and a fresh `LedgerWriter(app)` rebuild exactly the live state;
+- a retry of a settled request answers as before (same recorded_at) and writes nothing.
 """
 
 from __future__ import annotations
@@ -567,11 +570,9 @@ class LedgerMachine(RuleBasedStateMachine):
         code = hold.code if data.draw(st.integers(0, 14), label="code?") < 14 else hold.code + 1
         if flag & POST:
             how = data.draw(st.sampled_from(["full", "full", "partial", "partial", "over"]))
-            amount = {
-                "full": hold.amount,
-                "partial": data.draw(st.integers(1, hold.amount), label="partial"),
-                "over": hold.amount + 1,
-            }[how]
+            amount = hold.amount + (how == "over")
+            if how == "partial":
+                amount = data.draw(st.integers(1, hold.amount), label="partial")
         else:
             amount = data.draw(st.sampled_from([0, 0, hold.amount, hold.amount + 1]))
         return NewTransfer(

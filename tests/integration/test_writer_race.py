@@ -83,3 +83,26 @@ def test_two_writer_processes_can_never_both_spend_the_same_funds(
     assert writer.state.accounts[sink].balance == FUNDS * ROUNDS
     debits, credits = writer.state.trial_balance()["AETH"]
     assert debits == credits
+
+
+def test_an_event_written_around_the_writer_is_a_state_error_not_a_lost_race(
+    writer: LedgerWriter,
+) -> None:
+    from datetime import UTC, datetime
+
+    from ledger.errors import WriterStateError
+    from ledger.model import Transfer, TransferFlags
+
+    a, b = uuid.uuid4(), uuid.uuid4()
+    writer.open_accounts([NewAccount(a, "AETH", 1), NewAccount(b, "AETH", 1)])
+    sneaky = uuid.uuid4()
+    now = datetime.now(UTC)
+    stored = writer.app.ledger_mapper.fact_to_stored_event(
+        Transfer(sneaky, a, b, 1, "AETH", 1, TransferFlags.none, uuid.UUID(int=0), 0, (), now, now)
+    )
+    writer.app.recorder.insert_events([stored])  # no BatchCommitted: not another writer's batch
+
+    with pytest.raises(WriterStateError, match="already stored but unknown to the writer"):
+        writer.create_transfers([NewTransfer(sneaky, a, b, 1, "AETH", 1)])
+    assert writer.races_lost == 0
+    assert writer.state.accounts[b].credits_posted == 0  # nothing applied
