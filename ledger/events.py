@@ -158,33 +158,16 @@ class TransferCreated(LedgerEvent):
     def from_state(cls, originator_id: UUID, originator_version: int, state: State) -> Self:
         timestamp = datetime.fromisoformat(state["timestamp"])
         effective_at = state.get("effective_at")
-        pending_id = state.get("pending_id")
-        references = state.get("references")
-        return cast(
-            Self,
-            _new(
-                cls,
-                {
-                    "originator_id": originator_id,
-                    "originator_version": originator_version,
-                    "timestamp": timestamp,
-                    "debit_account_id": UUID(state["debit_account_id"]),
-                    "credit_account_id": UUID(state["credit_account_id"]),
-                    "amount": int(state["amount"]),
-                    "asset": state["asset"],
-                    "code": state["code"],
-                    "flags": state.get("flags", 0),
-                    "pending_id": NIL_ID if pending_id is None else UUID(pending_id),
-                    "timeout_s": state.get("timeout_s", 0),
-                    "references": ()
-                    if references is None
-                    else tuple((k, v) for k, v in references),
-                    "effective_at": timestamp
-                    if effective_at is None
-                    else datetime.fromisoformat(effective_at),
-                },
-            ),
-        )
+        values = {
+            "originator_id": originator_id,
+            "originator_version": originator_version,
+            "timestamp": timestamp,
+            **_movement_fields(state),
+            "effective_at": timestamp
+            if effective_at is None
+            else datetime.fromisoformat(effective_at),
+        }
+        return cast(Self, _new(cls, values))
 
     def to_fact(self) -> Transfer:
         return Transfer(
@@ -237,21 +220,13 @@ class TransferRejected(LedgerEvent):
 
     @classmethod
     def from_state(cls, originator_id: UUID, originator_version: int, state: State) -> Self:
-        pending_id = state.get("pending_id")
-        references = state.get("references")
+        fields = _movement_fields(state)
+        fields["flags"] = TransferFlags(fields["flags"])
         effective_at = state.get("effective_at")
         transfer = NewTransfer(
             id=originator_id,
-            debit_account_id=UUID(state["debit_account_id"]),
-            credit_account_id=UUID(state["credit_account_id"]),
-            amount=int(state["amount"]),
-            asset=state["asset"],
-            code=state["code"],
-            flags=TransferFlags(state.get("flags", 0)),
-            pending_id=NIL_ID if pending_id is None else UUID(pending_id),
-            timeout_s=state.get("timeout_s", 0),
-            references=() if references is None else tuple((k, v) for k, v in references),
             effective_at=None if effective_at is None else datetime.fromisoformat(effective_at),
+            **fields,
         )
         return cast(
             Self,
@@ -357,53 +332,58 @@ class BatchCommitted(LedgerEvent):
         return cast(Self, _new(cls, state))
 
 
+def _movement_state(state: State, t: Transfer | NewTransfer) -> State:
+    """Add the fields that a transfer and a refused transfer share (defaults left out)."""
+    state["debit_account_id"] = t.debit_account_id
+    state["credit_account_id"] = t.credit_account_id
+    state["amount"] = str(t.amount)
+    state["asset"] = t.asset
+    state["code"] = t.code
+    if t.flags:
+        state["flags"] = int(t.flags)
+    if t.pending_id.int:
+        state["pending_id"] = t.pending_id
+    if t.timeout_s:
+        state["timeout_s"] = t.timeout_s
+    if t.references:
+        state["references"] = t.references
+    return state
+
+
+def _movement_fields(state: State) -> State:
+    """Read back what `_movement_state` wrote (flags as an int)."""
+    pending_id = state.get("pending_id")
+    references = state.get("references")
+    return {
+        "debit_account_id": UUID(state["debit_account_id"]),
+        "credit_account_id": UUID(state["credit_account_id"]),
+        "amount": int(state["amount"]),
+        "asset": state["asset"],
+        "code": state["code"],
+        "flags": state.get("flags", 0),
+        "pending_id": NIL_ID if pending_id is None else UUID(pending_id),
+        "timeout_s": state.get("timeout_s", 0),
+        "references": () if references is None else tuple((k, v) for k, v in references),
+    }
+
+
 def stored_state_of(fact: Fact) -> tuple[UUID, int, type[LedgerEvent], State]:
     """The stream, version, event class and JSON state that record a fact.
 
     Same result as `event_for(fact)` followed by `to_state()`, without building the event
     object: this is the write path's hot loop.
     """
+    # orjson writes UUIDs and datetimes itself (canonical text, ISO 8601).
     if isinstance(fact, Transfer):
-        # orjson writes UUIDs and datetimes itself (canonical text, ISO 8601).
-        state: State = {
-            "timestamp": fact.recorded_at,
-            "debit_account_id": fact.debit_account_id,
-            "credit_account_id": fact.credit_account_id,
-            "amount": str(fact.amount),
-            "asset": fact.asset,
-            "code": fact.code,
-        }
-        if fact.flags:
-            state["flags"] = int(fact.flags)
-        if fact.pending_id != NIL_ID:
-            state["pending_id"] = fact.pending_id
-        if fact.timeout_s:
-            state["timeout_s"] = fact.timeout_s
-        if fact.references:
-            state["references"] = fact.references
+        state = _movement_state({"timestamp": fact.recorded_at}, fact)
         if fact.effective_at != fact.recorded_at:
             state["effective_at"] = fact.effective_at
         return fact.id, 1, TransferCreated, state
     if isinstance(fact, Rejection):
         t = fact.transfer
-        state = {
-            "timestamp": fact.recorded_at,
-            "result": fact.result.name,
-            "shard": fact.shard,
-            "debit_account_id": t.debit_account_id,
-            "credit_account_id": t.credit_account_id,
-            "amount": str(t.amount),
-            "asset": t.asset,
-            "code": t.code,
-        }
-        if t.flags:
-            state["flags"] = int(t.flags)
-        if t.pending_id.int:
-            state["pending_id"] = t.pending_id
-        if t.timeout_s:
-            state["timeout_s"] = t.timeout_s
-        if t.references:
-            state["references"] = t.references
+        state = _movement_state(
+            {"timestamp": fact.recorded_at, "result": fact.result.name, "shard": fact.shard}, t
+        )
         if t.effective_at is not None:
             state["effective_at"] = t.effective_at
         return t.id, 1, TransferRejected, state
