@@ -221,6 +221,15 @@ class NewTransfer:
     effective_at: datetime | None = None
     """When the transfer took effect in the world; defaults to recorded_at."""
 
+    def __post_init__(self) -> None:
+        # Money is an int in the smallest unit: a float or a bool here is a caller's bug that
+        # must never reach the log.
+        if type(self.amount) is not int:
+            raise TypeError(f"transfer {self.id}: amount must be an int, got {self.amount!r}")
+        for name in ("id", "debit_account_id", "credit_account_id", "pending_id"):
+            if not isinstance(getattr(self, name), UUID):
+                raise TypeError(f"transfer {self.id}: {name} must be a UUID")
+
 
 @dataclass(frozen=True, slots=True)
 class Transfer:

@@ -286,6 +286,13 @@ class LedgerWriter:
     def _decide(self, batch: list[_Request]) -> _Decided:
         """Decide a batch on the current state (which keeps the decisions, undoably)."""
         undo_start = self.state.mark()
+        try:
+            return self._decide_on_top(batch, undo_start)
+        except BaseException:
+            self.state.rollback(undo_start)  # nothing half-decided stays in the state
+            raise
+
+    def _decide_on_top(self, batch: list[_Request], undo_start: int) -> _Decided:
         now = self.clock()
         answers: list[Any] = []
         facts: list[Fact] = []

@@ -1915,3 +1915,14 @@ def test_replaying_the_facts_as_read_back_from_the_log_reproduces_identical_stat
         TransferOutcome(tid(18), R.pending_transfer_not_found, T1 + timedelta(minutes=3) + TICK),
     ]
     assert _state_view(rebuilt) == _state_view(live)
+
+
+@pytest.mark.parametrize("amount", [1.5, 10.0, True, "100"])
+def test_an_amount_that_is_not_an_int_is_refused_before_it_reaches_the_ledger(amount):
+    with pytest.raises(TypeError, match="amount must be an int"):
+        NewTransfer(UUID(int=1), BANK, BOB, amount, ASSET, CODE)
+
+
+def test_an_id_that_is_not_a_uuid_is_refused_before_it_reaches_the_ledger():
+    with pytest.raises(TypeError, match="debit_account_id must be a UUID"):
+        NewTransfer(UUID(int=1), "bank", BOB, 1, ASSET, CODE)
