@@ -618,7 +618,7 @@ def record_heartbeat(
     facts: list[LeaseFact] = []
     seen_at = at if at < now else now
     timeout = timedelta(seconds=rules.heartbeat_timeout_s)
-    if not lease.downtime_open and at - lease.alive_at > timeout:
+    if not lease.downtime_open and seen_at - lease.alive_at > timeout:
         gap = _downtime(lease, seen_at)
         facts.append(gap)
         lease = apply(lease, gap)

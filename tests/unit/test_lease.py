@@ -809,3 +809,22 @@ def test_each_gap_between_heartbeats_longer_than_the_timeout_is_detected_exactly
 
 def opening_facts() -> tuple[LeaseFact, ...]:
     return open_lease(MATCH, T0)[1]
+
+
+def test_a_heartbeat_dated_slightly_ahead_does_not_turn_a_gap_of_exactly_the_timeout_into_downtime():
+    # Found by the property test: the gap must be measured to what the ledger has seen (now),
+    # as detect_downtime and close do, not to the heartbeat's own (future) time.
+    rules = LeaseRules(
+        heartbeat_interval_s=1, heartbeat_timeout_s=20, heartbeat_future_tolerance_s=1
+    )
+    lease = opened()
+    result, facts = record_heartbeat(
+        lease,
+        NODE,
+        1,
+        lease.alive_at + timedelta(seconds=21),
+        lease.alive_at + timedelta(seconds=20),
+        rules,
+    )
+    assert result is RecordHeartbeatResult.ok
+    assert not any(isinstance(f, DowntimeDetected) for f in facts)
