@@ -112,6 +112,7 @@ from datetime import datetime, timedelta
 from enum import IntEnum
 from uuid import UUID, uuid5
 
+from domain.checks import require_int
 from domain.orderbook import DURATION_S_MAX, GPU_COUNT_MAX, PRICE_MAX, OrderMatched, lease_cost
 from ledger.limits import AMOUNT_MAX
 
@@ -147,13 +148,6 @@ PROTOCOL_ID = UUID(int=1)
 def lease_id_for(ask_id: UUID, bid_id: UUID) -> UUID:
     """The id of the lease opened by the match of `ask_id` with `bid_id`: uuid5 of the pair."""
     return uuid5(LEASE_ID_NAMESPACE, f"{ask_id}:{bid_id}")
-
-
-def _require_int(name: str, value: object) -> None:
-    # An amount, count or duration that is a float or a bool is a caller's bug that must
-    # never reach the log.
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def _whole_seconds(delta: timedelta) -> int:
@@ -198,7 +192,7 @@ class LeaseRules:
             "heartbeat_future_tolerance_s",
             "escrow_grace_s",
         ):
-            _require_int(name, getattr(self, name))
+            require_int(name, getattr(self, name))
         if not isinstance(self.on_escrow_exhausted, EscrowExhaustedAction):
             raise TypeError("on_escrow_exhausted must be an EscrowExhaustedAction")
         if not 1 <= self.heartbeat_interval_s <= HEARTBEAT_INTERVAL_S_MAX:
@@ -475,7 +469,7 @@ def open_lease(match: OrderMatched, now: datetime) -> tuple[OpenLeaseResult, tup
     """Open the lease of `match`, at `now` (never before matched_at)."""
     r = OpenLeaseResult
     for name in ("gpu_count", "price_per_gpu_hour", "duration_s", "escrow_amount"):
-        _require_int(name, getattr(match, name))
+        require_int(name, getattr(match, name))
     ids = (match.ask_id, match.bid_id, match.provider_id, match.node_id, match.consumer_id)
     if not all(i.int for i in ids):
         return r.ids_must_not_be_zero, ()
@@ -535,7 +529,7 @@ def top_up(lease: Lease, amount: int, now: datetime) -> tuple[TopUpResult, tuple
     """Add `amount` to the escrow and extend ends_at by the whole seconds it buys; resume a
     paused lease."""
     r = TopUpResult
-    _require_int("amount", amount)
+    require_int("amount", amount)
     now = _clock(lease, now)
     if amount < 0:
         return r.amount_must_not_be_negative, ()
@@ -595,7 +589,7 @@ def record_heartbeat(
     """Record a heartbeat of `node_id` sent at `at`, received at `now`. A heartbeat after a
     gap nobody detected yet records the gap first (`DowntimeDetected`)."""
     r = RecordHeartbeatResult
-    _require_int("sequence", sequence)
+    require_int("sequence", sequence)
     now = _clock(lease, now)
     if sequence <= 0:
         return r.sequence_must_be_positive, ()
@@ -677,7 +671,7 @@ def charge_usage(
 ) -> tuple[ChargeUsageResult, tuple[LeaseFact, ...]]:
     """Draw `amount` from the escrow for the usage `usage_ref`, never below zero."""
     r = ChargeUsageResult
-    _require_int("amount", amount)
+    require_int("amount", amount)
     if not isinstance(usage_ref, str):
         raise TypeError(f"usage_ref must be a str, got {usage_ref!r}")
     now = _clock(lease, now)

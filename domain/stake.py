@@ -84,6 +84,7 @@ from types import MappingProxyType
 from typing import Protocol
 from uuid import UUID
 
+from domain.checks import require_int
 from ledger.limits import AMOUNT_MAX
 from ledger.money import units
 
@@ -108,13 +109,6 @@ DEMO_UNBOND_DELAY_S = 120
 """Two minutes, so a demo shows an unbond complete (live networks: 14 or 180 days)."""
 
 
-def _require_int(name: str, value: object) -> None:
-    # An amount or count that is a float or a bool is a caller's bug that must never reach
-    # the log.
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int, got {value!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class Ratio:
     """A fraction as two integers, 0 <= numerator <= denominator, denominator > 0."""
@@ -123,8 +117,8 @@ class Ratio:
     denominator: int
 
     def __post_init__(self) -> None:
-        _require_int("numerator", self.numerator)
-        _require_int("denominator", self.denominator)
+        require_int("numerator", self.numerator)
+        require_int("denominator", self.denominator)
         if self.denominator <= 0:
             raise ValueError(f"denominator must be > 0, got {self.denominator}")
         if not 0 <= self.numerator <= self.denominator:
@@ -168,10 +162,10 @@ class StakeRules:
         for gpu_model, k in self.stake_per_gpu.items():
             if not isinstance(gpu_model, str) or not gpu_model:
                 raise ValueError(f"gpu model must be a non-empty string, got {gpu_model!r}")
-            _require_int(f"stake_per_gpu[{gpu_model!r}]", k)
+            require_int(f"stake_per_gpu[{gpu_model!r}]", k)
             if not 0 < k <= AMOUNT_MAX:
                 raise ValueError(f"stake_per_gpu[{gpu_model!r}] must be within 1..AMOUNT_MAX")
-        _require_int("unbond_delay_s", self.unbond_delay_s)
+        require_int("unbond_delay_s", self.unbond_delay_s)
         if not 0 <= self.unbond_delay_s <= UNBOND_DELAY_S_MAX:
             raise ValueError(
                 f"unbond_delay_s must be within 0..{UNBOND_DELAY_S_MAX}, got {self.unbond_delay_s}"
@@ -227,7 +221,7 @@ def required_stake(
     r = RequiredStakeResult
     total = 0
     for node in nodes:
-        _require_int("gpu_count", node.gpu_count)
+        require_int("gpu_count", node.gpu_count)
         if node.gpu_count < 0:
             return r.gpu_count_must_not_be_negative, 0
         if node.gpu_count > GPU_COUNT_MAX:
@@ -374,7 +368,7 @@ class BondResult(IntEnum):
 def bond(state: ProviderStake, amount: int, now: datetime) -> tuple[BondResult, tuple[Fact, ...]]:
     """Bond `amount` more stake."""
     r = BondResult
-    _require_int("amount", amount)
+    require_int("amount", amount)
     if amount < 0:
         return r.amount_must_not_be_negative, ()
     if amount == 0:
@@ -416,7 +410,7 @@ def request_unbond(
     `nodes` are the provider's listed nodes; their required stake must stay bonded.
     """
     r = RequestUnbondResult
-    _require_int("amount", amount)
+    require_int("amount", amount)
     if amount < 0:
         return r.amount_must_not_be_negative, ()
     if amount == 0:
@@ -499,7 +493,7 @@ def slash(
     every pending unbonding entry, oldest request first.
     """
     r = SlashResult
-    _require_int("gpu_count", gpu_count)
+    require_int("gpu_count", gpu_count)
     fraction = rules.slash_fraction(kind)
     if gpu_count < 0:
         return r.gpu_count_must_not_be_negative, ()

@@ -100,6 +100,7 @@ from enum import IntEnum
 from types import MappingProxyType
 from uuid import UUID
 
+from domain.checks import require_int, require_uuid
 from domain.stake import Ratio, SlashKind, StakeSlashed
 from ledger.limits import AMOUNT_MAX
 from ledger.money import units
@@ -141,17 +142,6 @@ DEMO_CHECKER_STAKE_MIN = units(10)
 
 _OPERATOR_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _EVIDENCE_HASH = re.compile(r"[0-9a-f]{64}")
-
-
-def _require_int(name: str, value: object) -> None:
-    # A count that is a float or a bool is a caller's bug that must never reach the log.
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int, got {value!r}")
-
-
-def _require_uuid(name: str, value: object) -> None:
-    if not isinstance(value, UUID):
-        raise TypeError(f"{name} must be a UUID, got {value!r}")
 
 
 class FailureKind(IntEnum):
@@ -222,7 +212,7 @@ class VerdictRules:
             "slash_penalty_bps",
             "slash_penalty_decay_s",
         ):
-            _require_int(name, getattr(self, name))
+            require_int(name, getattr(self, name))
         bounds = {
             "checker_stake_min": (1, AMOUNT_MAX),
             "verdict_window_s": (1, VERDICT_WINDOW_S_MAX),
@@ -525,8 +515,8 @@ def register_checker(
 ) -> tuple[RegisterCheckerResult, tuple[Fact, ...]]:
     """Register a checker with its stake."""
     r = RegisterCheckerResult
-    _require_uuid("checker_id", command.checker_id)
-    _require_int("stake_amount", command.stake_amount)
+    require_uuid("checker_id", command.checker_id)
+    require_int("stake_amount", command.stake_amount)
     if command.checker_id == NIL_ID:
         return r.checker_id_must_not_be_zero, ()
     if not isinstance(command.operator_address, str) or not _OPERATOR_ADDRESS.fullmatch(
@@ -596,9 +586,9 @@ def submit_verdict(
     r = SubmitVerdictResult
     c = command
     for name in ("verdict_id", "checker_id", "node_id", "provider_id"):
-        _require_uuid(name, getattr(c, name))
+        require_uuid(name, getattr(c, name))
     for name in ("latency_ms_p99", "throughput_milli_per_s", "uptime_ppm"):
-        _require_int(name, getattr(c, name))
+        require_int(name, getattr(c, name))
     if type(c.passed) is not bool:
         raise TypeError(f"passed must be a bool, got {c.passed!r}")
     if not isinstance(c.failure_kind, FailureKind):
@@ -698,7 +688,7 @@ def decide_window(
     Failed facts come first, then one `CheckerContradicted` per contradicting checker.
     """
     r = DecideWindowResult
-    _require_uuid("node_id", node_id)
+    require_uuid("node_id", node_id)
     if not _window_start_is_aligned(window_start, rules):
         return r.window_start_must_be_aligned, ()
     window_end = window_end_of(window_start, rules)
