@@ -56,10 +56,10 @@ Ids
 Each fact has an identity string (its kind and the ids or fields that name it); each leg
 gets ``uuid5(TRANSFER_ID_NAMESPACE, f"{identity}/{leg}")``. Facts named by ids
 (UnbondRequested/Completed: provider + unbond_id; OrderMatched, LeaseOpened, LeaseClosed:
-the lease) are unique by construction. Facts without an id (StakeBonded, StakeSlashed,
-EscrowToppedUp, UsageCharged) are named by their fields including their time; two such
-facts equal in every named field would share ids and the second would be taken for a
-retry.
+the lease) are unique by construction. Facts without an id of their own (StakeBonded,
+StakeSlashed, EscrowToppedUp, UsageCharged) are named by the caller's `key` (their event's
+stream and version): named by their fields, two equal facts would share ids and the second
+would be taken for a retry (the property test found exactly that: two equal bonds).
 
 Lease facts after the open (`EscrowToppedUp`, `UsageCharged`, `LeaseClosed`) carry only the
 lease id: the caller passes the lease's parties (`parties=`, e.g. the `Lease`, its
@@ -257,6 +257,15 @@ def _transfers(
     )
 
 
+def _require_key(fact: MarketFact, key: str | None) -> str:
+    if not key:
+        raise ValueError(
+            f"{type(fact).__name__} has no id of its own: pass key= (e.g. its event's stream "
+            "and version), or two equal facts would share transfer ids"
+        )
+    return key
+
+
 def _require_parties(fact: MarketFact, parties: LeaseParties | None) -> LeaseParties:
     if parties is None:
         raise ValueError(
@@ -269,16 +278,19 @@ def _require_parties(fact: MarketFact, parties: LeaseParties | None) -> LeasePar
 def postings_for(
     fact: MarketFact,
     *,
+    key: str | None = None,
     parties: LeaseParties | None = None,
     rules: PostingRules = DEFAULT_POSTING_RULES,
 ) -> tuple[NewTransfer, ...]:
     """The ledger transfers that mirror `fact`, in the order to submit them; () when the fact
     moves no money. `parties` (the lease) is required for EscrowToppedUp, UsageCharged and
-    LeaseClosed, whose facts name only the lease."""
+    LeaseClosed, whose facts name only the lease. `key` is required for the facts that have
+    no id of their own (StakeBonded, StakeSlashed, EscrowToppedUp, UsageCharged): what names
+    the fact uniquely, e.g. its event's stream and version."""
     custody = protocol_account_id(AccountCode.chain_custody)
     if isinstance(fact, stake_facts.StakeBonded):
         p = fact.provider_id
-        identity = f"stake_bonded:{p}:{_at(fact.bonded_at)}:{fact.amount}"
+        identity = f"stake_bonded:{p}:{_require_key(fact, key)}"
         refs: References = (
             ("fact", "stake_bonded"),
             ("provider", str(p)),
@@ -308,10 +320,7 @@ def postings_for(
         return _transfers(identity, [leg], refs, fact.completed_at, rules)
     if isinstance(fact, stake_facts.StakeSlashed):
         p = fact.provider_id
-        identity = (
-            f"stake_slashed:{p}:{fact.kind.name}:{fact.gpu_model}:{fact.gpu_count}:"
-            f"{_at(fact.offence_at)}:{_at(fact.slashed_at)}"
-        )
+        identity = f"stake_slashed:{p}:{_require_key(fact, key)}"
         refs = (
             ("fact", "stake_slashed"),
             ("provider", str(p)),
@@ -378,10 +387,7 @@ def postings_for(
         )
     if isinstance(fact, lease_facts.EscrowToppedUp):
         who = _require_parties(fact, parties)
-        identity = (
-            f"escrow_topped_up:{fact.lease_id}:{_at(fact.topped_up_at)}:{fact.amount}:"
-            f"{_at(fact.ends_at)}"
-        )
+        identity = f"escrow_topped_up:{fact.lease_id}:{_require_key(fact, key)}"
         refs = (
             ("fact", "escrow_topped_up"),
             ("lease", str(fact.lease_id)),
@@ -397,10 +403,7 @@ def postings_for(
         return _transfers(identity, [leg], refs, fact.topped_up_at, rules)
     if isinstance(fact, lease_facts.UsageCharged):
         who = _require_parties(fact, parties)
-        identity = (
-            f"usage_charged:{fact.lease_id}:{fact.usage_ref}:{_at(fact.charged_at)}:"
-            f"{fact.amount_requested}"
-        )
+        identity = f"usage_charged:{fact.lease_id}:{_require_key(fact, key)}"
         refs = (
             ("fact", "usage_charged"),
             ("lease", str(fact.lease_id)),

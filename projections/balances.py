@@ -1,0 +1,434 @@
+"""Account balances: a read model of every account's four balances, kept from the ledger's log.
+
+The view lives in two tables of a schema: `account_balances` (one row per account) and
+`pending_holds` (the pending transfers not yet posted, voided or expired: a post, a void or
+an expiry names only its pending transfer, so the projection keeps the hold's accounts and
+amount to release it). Both are written, page by page, in the same transaction as the
+view's tracking position (the library's single-row tracking table), so the view is
+exactly-once and resumable: a restart continues from the stored position, and a page whose
+position is already tracked is refused by the tracking upsert and its transaction rolled back.
+
+Extension points used (nothing is written around the library):
+- `BalancesRecorder`: the library's `PostgresTrackingRecorder` with the view's tables added to
+  its create statements and one method that writes a page of changes together with its
+  `Tracking` (the library's `_insert_tracking`, inside the same transaction).
+- `BalancesProjection`: the library's `Projection`; `process_event` handles one event (so a
+  `ProjectionRunner` can drive it), `catch_up` reads the log a page at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.postgres import PostgresDatastore, PostgresFactory, PostgresTrackingRecorder
+from eventsourcing.projection import Projection
+from eventsourcing.utils import Environment
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+
+from ledger.events import AccountOpened, LedgerEvent, PendingTransferExpired, TransferCreated
+from ledger.model import TransferFlags
+from ledger.store import LedgerApplication
+
+VIEW_NAME = "account_balances"
+"""Name of the view: its table, and the prefix of its tracking table."""
+HOLDS_TABLE_NAME = "pending_holds"
+TRACKING_TABLE_NAME = f"{VIEW_NAME}_tracking"
+PAGE_SIZE_MAX = 1_000
+"""Most log events applied in one transaction of the view."""
+
+_PENDING = int(TransferFlags.pending)
+_POST = int(TransferFlags.post_pending_transfer)
+_VOID = int(TransferFlags.void_pending_transfer)
+
+
+class BalancesProjectionError(Exception):
+    """The ledger's log holds something the balances view cannot apply (a bug upstream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountBalance:
+    """One row of the view; amounts are integers in the asset's smallest unit."""
+
+    account_id: UUID
+    asset: str
+    code: int
+    flags: int
+    debits_pending: int
+    debits_posted: int
+    credits_pending: int
+    credits_posted: int
+    updated_position: int
+    """Notification id of the last event that opened the account or changed its balances."""
+
+    def balances(self) -> tuple[int, int, int, int]:
+        return (self.debits_pending, self.debits_posted, self.credits_pending, self.credits_posted)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A pending transfer's reservation, kept until it is posted, voided or expired."""
+
+    transfer_id: UUID
+    debit_account_id: UUID
+    credit_account_id: UUID
+    amount: int
+
+
+@dataclass(slots=True)
+class _Delta:
+    debits_pending: int = 0
+    debits_posted: int = 0
+    credits_pending: int = 0
+    credits_posted: int = 0
+    position: int = 0
+
+
+@dataclass(slots=True)
+class PageChanges:
+    """What one page of the log does to the view: computed before, written in one go."""
+
+    opened: list[tuple[AccountOpened, int]] = field(default_factory=list)
+    """Accounts opened, with the notification id that opened them."""
+    deltas: dict[UUID, _Delta] = field(default_factory=dict)
+    holds_added: dict[UUID, Hold] = field(default_factory=dict)
+    holds_released: set[UUID] = field(default_factory=set)
+    """Holds that existed before this page and are posted, voided or expired in it."""
+    events_count: int = 0
+
+
+class BalancesRecorder(PostgresTrackingRecorder):
+    """The view's tables and its tracking table, in one schema; every write is tracked."""
+
+    def __init__(
+        self,
+        datastore: PostgresDatastore,
+        *,
+        tracking_table_name: str = TRACKING_TABLE_NAME,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(datastore, tracking_table_name=tracking_table_name, **kwargs)
+        schema = Identifier(self.datastore.schema)
+        balances = Identifier(VIEW_NAME)
+        holds = Identifier(HOLDS_TABLE_NAME)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{balances} ("
+                "account_id uuid PRIMARY KEY, "
+                "asset text NOT NULL, "
+                "code int NOT NULL, "
+                "flags int NOT NULL, "
+                "debits_pending numeric(78,0) NOT NULL, "
+                "debits_posted numeric(78,0) NOT NULL, "
+                "credits_pending numeric(78,0) NOT NULL, "
+                "credits_posted numeric(78,0) NOT NULL, "
+                "updated_position bigint NOT NULL)"
+            ).format(schema=schema, balances=balances)
+        )
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{holds} ("
+                "transfer_id uuid PRIMARY KEY, "
+                "debit_account_id uuid NOT NULL, "
+                "credit_account_id uuid NOT NULL, "
+                "amount numeric(78,0) NOT NULL)"
+            ).format(schema=schema, holds=holds)
+        )
+        self._insert_account = SQL(
+            "INSERT INTO {schema}.{balances} VALUES "
+            "(%s, %s, %s, %s, 0, 0, 0, 0, %s) ON CONFLICT (account_id) DO NOTHING"
+        ).format(schema=schema, balances=balances)
+        self._update_balances = SQL(
+            "UPDATE {schema}.{balances} SET "
+            "debits_pending = debits_pending + %s::numeric, "
+            "debits_posted = debits_posted + %s::numeric, "
+            "credits_pending = credits_pending + %s::numeric, "
+            "credits_posted = credits_posted + %s::numeric, "
+            "updated_position = %s "
+            "WHERE account_id = %s"
+        ).format(schema=schema, balances=balances)
+        self._select_holds = SQL(
+            "SELECT transfer_id, debit_account_id, credit_account_id, amount "
+            "FROM {schema}.{holds} WHERE transfer_id = ANY(%s)"
+        ).format(schema=schema, holds=holds)
+        self._insert_hold = SQL(
+            "INSERT INTO {schema}.{holds} VALUES (%s, %s, %s, %s::numeric)"
+        ).format(schema=schema, holds=holds)
+        self._delete_holds = SQL("DELETE FROM {schema}.{holds} WHERE transfer_id = ANY(%s)").format(
+            schema=schema, holds=holds
+        )
+        self._select_rows = SQL(
+            "SELECT account_id, asset, code, flags, debits_pending, debits_posted, "
+            "credits_pending, credits_posted, updated_position "
+            "FROM {schema}.{balances} ORDER BY account_id"
+        ).format(schema=schema, balances=balances)
+
+    def apply_page(self, events: Sequence[tuple[int, LedgerEvent]], tracking: Tracking) -> int:
+        """Apply a page of the log (notification id, event) and record `tracking`, all in one
+        transaction. Returns how many events were applied.
+
+        Raises IntegrityError (and changes nothing) when `tracking` is not after the stored
+        position: that page, or a later one, was already applied.
+        """
+        with self.datastore.transaction(commit=True) as curs:
+            # First: the upsert locks the tracking row, so a second projection of the same
+            # view waits here and is then refused; nothing below runs twice for a position.
+            self._insert_tracking(curs, tracking)
+            changes = self._changes(curs, events)
+            self._write(curs, changes)
+        return changes.events_count
+
+    def holds(self) -> list[Hold]:
+        """Every hold still pending, ordered by transfer id."""
+        with self.datastore.transaction() as curs:
+            curs.execute(
+                SQL(
+                    "SELECT transfer_id, debit_account_id, credit_account_id, amount "
+                    "FROM {schema}.{holds} ORDER BY transfer_id"
+                ).format(
+                    schema=Identifier(self.datastore.schema), holds=Identifier(HOLDS_TABLE_NAME)
+                )
+            )
+            return [_hold(row) for row in curs.fetchall()]
+
+    def rows(self) -> list[AccountBalance]:
+        """Every account of the view, ordered by account id."""
+        with self.datastore.transaction() as curs:
+            curs.execute(self._select_rows)
+            return [
+                AccountBalance(
+                    account_id=row["account_id"],
+                    asset=row["asset"],
+                    code=row["code"],
+                    flags=row["flags"],
+                    debits_pending=int(row["debits_pending"]),
+                    debits_posted=int(row["debits_posted"]),
+                    credits_pending=int(row["credits_pending"]),
+                    credits_posted=int(row["credits_posted"]),
+                    updated_position=row["updated_position"],
+                )
+                for row in curs.fetchall()
+            ]
+
+    def _changes(
+        self, curs: Cursor[DictRow], events: Sequence[tuple[int, LedgerEvent]]
+    ) -> PageChanges:
+        changes = PageChanges()
+        resolved = [
+            e.pending_id
+            for _, e in events
+            if isinstance(e, TransferCreated) and int(e.flags) & (_POST | _VOID)
+        ] + [e.originator_id for _, e in events if isinstance(e, PendingTransferExpired)]
+        stored: dict[UUID, Hold] = {}
+        if resolved:
+            curs.execute(self._select_holds, (resolved,))
+            stored = {hold.transfer_id: hold for hold in map(_hold, curs.fetchall())}
+
+        def delta(account_id: UUID, position: int) -> _Delta:
+            d = changes.deltas.setdefault(account_id, _Delta())
+            d.position = position
+            return d
+
+        def release(pending_id: UUID, position: int) -> Hold:
+            hold = changes.holds_added.pop(pending_id, None)
+            if hold is None:
+                hold = stored.pop(pending_id, None)
+                if hold is None:
+                    raise BalancesProjectionError(
+                        f"notification {position}: pending transfer {pending_id} has no hold"
+                    )
+                changes.holds_released.add(pending_id)
+            delta(hold.debit_account_id, position).debits_pending -= hold.amount
+            delta(hold.credit_account_id, position).credits_pending -= hold.amount
+            return hold
+
+        for position, event in events:
+            changes.events_count += 1
+            if isinstance(event, AccountOpened):
+                changes.opened.append((event, position))
+            elif isinstance(event, TransferCreated):
+                flags = int(event.flags)
+                if flags & _PENDING:
+                    changes.holds_added[event.originator_id] = Hold(
+                        event.originator_id,
+                        event.debit_account_id,
+                        event.credit_account_id,
+                        event.amount,
+                    )
+                    delta(event.debit_account_id, position).debits_pending += event.amount
+                    delta(event.credit_account_id, position).credits_pending += event.amount
+                elif flags & (_POST | _VOID):
+                    release(event.pending_id, position)
+                    if flags & _POST:
+                        delta(event.debit_account_id, position).debits_posted += event.amount
+                        delta(event.credit_account_id, position).credits_posted += event.amount
+                else:
+                    delta(event.debit_account_id, position).debits_posted += event.amount
+                    delta(event.credit_account_id, position).credits_posted += event.amount
+            elif isinstance(event, PendingTransferExpired):
+                release(event.originator_id, position)
+            # TransferRejected and BatchCommitted change no balance; their position is tracked.
+        return changes
+
+    def _write(self, curs: Cursor[DictRow], changes: PageChanges) -> None:
+        if changes.opened:
+            curs.executemany(
+                self._insert_account,
+                [(e.originator_id, e.asset, e.code, e.flags, p) for e, p in changes.opened],
+            )
+        if changes.holds_released:
+            curs.execute(self._delete_holds, (list(changes.holds_released),))
+        if changes.holds_added:
+            curs.executemany(
+                self._insert_hold,
+                [
+                    (h.transfer_id, h.debit_account_id, h.credit_account_id, h.amount)
+                    for h in changes.holds_added.values()
+                ],
+            )
+        for account_id, d in changes.deltas.items():
+            curs.execute(
+                self._update_balances,
+                (
+                    d.debits_pending,
+                    d.debits_posted,
+                    d.credits_pending,
+                    d.credits_posted,
+                    d.position,
+                    account_id,
+                ),
+                prepare=True,
+            )
+            if curs.rowcount != 1:
+                raise BalancesProjectionError(
+                    f"notification {d.position}: account {account_id} was never opened"
+                )
+
+
+def _hold(row: DictRow) -> Hold:
+    return Hold(
+        transfer_id=row["transfer_id"],
+        debit_account_id=row["debit_account_id"],
+        credit_account_id=row["credit_account_id"],
+        amount=int(row["amount"]),
+    )
+
+
+def construct_view(env: Mapping[str, str], *, schema: str | None = None) -> BalancesRecorder:
+    """A view recorder from eventsourcing environment keys (POSTGRES_*), in `schema` when
+    given; its tables are created. Its own connection pool: close with `view.datastore.close()`.
+    """
+    values = dict(env)
+    if schema is not None:
+        values["POSTGRES_SCHEMA"] = schema
+    values["CREATE_TABLE"] = "true"
+    factory = PostgresFactory(Environment(VIEW_NAME, values))
+    return factory.tracking_recorder(BalancesRecorder)
+
+
+class BalancesProjection(Projection[BalancesRecorder]):
+    """Keeps `account_balances` up to date with the ledger's log, a page at a time."""
+
+    name = VIEW_NAME
+
+    def __init__(
+        self,
+        app: LedgerApplication,
+        view: BalancesRecorder | None = None,
+        *,
+        page_size: int = PAGE_SIZE_MAX,
+    ) -> None:
+        """`view` defaults to the view's tables in the ledger's own schema and pool."""
+        assert 0 < page_size <= PAGE_SIZE_MAX, page_size
+        if view is None:
+            view = BalancesRecorder(app.app_recorder.datastore)
+            view.create_table()
+        super().__init__(view)
+        self.app = app
+        self.page_size = page_size
+
+    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
+        """Apply one event with its tracking (the library's per-event entry point)."""
+        events = [(tracking.notification_id, domain_event)]
+        if not isinstance(domain_event, LedgerEvent):
+            events = []
+        self.view.apply_page(events, tracking)
+
+    def position(self) -> int:
+        """Notification id of the last event applied to the view (0: none yet)."""
+        return self.view.max_tracking_id(self.app.name) or 0
+
+    def catch_up(self, *, pages_max: int | None = None) -> int:
+        """Apply the log's events after `position()`, a page per transaction, until the log's
+        end (or `pages_max` pages). Returns how many events were applied."""
+        applied = 0
+        pages = 0
+        while pages_max is None or pages < pages_max:
+            start = self.position()
+            notifications = self.app.recorder.select_notifications(
+                start=start, limit=self.page_size, inclusive_of_start=False
+            )
+            if not notifications:
+                break
+            events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
+            page = [(i, e) for i, e in events if isinstance(e, LedgerEvent)]
+            last = notifications[-1].id
+            try:
+                applied += self.view.apply_page(page, Tracking(self.app.name, last))
+            except IntegrityError:
+                # Refused: fine only if another projection of this view tracked this page
+                # first (read on from its position); else a real conflict, not to be retried.
+                if self.position() < last:
+                    raise
+            pages += 1
+            if len(notifications) < self.page_size:
+                break
+        return applied
+
+    def rows(self) -> list[AccountBalance]:
+        return self.view.rows()
+
+    def state_hash(self) -> str:
+        """sha256 over the view's rows ordered by account id, amounts as decimal text."""
+        return state_hash(self.rows())
+
+    def rebuild_into(self, schema: str) -> BalancesProjection:
+        """A projection of the same log into the view's tables in `schema` (an existing,
+        empty schema), built from zero. Close it with `close()`."""
+        rebuilt = BalancesProjection(
+            self.app, construct_view(self.app.env, schema=schema), page_size=self.page_size
+        )
+        rebuilt.catch_up()
+        return rebuilt
+
+    def close(self) -> None:
+        """Close the view's pool, unless it is the ledger's own."""
+        if self.view.datastore is not self.app.app_recorder.datastore:
+            self.view.datastore.close()
+
+
+def state_hash(rows: Iterable[AccountBalance]) -> str:
+    """sha256 over rows (expected ordered by account id), one line per row."""
+    digest = hashlib.sha256()
+    for r in rows:
+        line = "|".join(
+            (
+                str(r.account_id),
+                r.asset,
+                str(r.code),
+                str(r.flags),
+                str(r.debits_pending),
+                str(r.debits_posted),
+                str(r.credits_pending),
+                str(r.credits_posted),
+                str(r.updated_position),
+            )
+        )
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
