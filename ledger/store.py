@@ -12,6 +12,7 @@ Extension points used (nothing is written around the library):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from functools import cache
 from typing import Any, cast
@@ -19,15 +20,25 @@ from uuid import UUID
 
 import orjson
 from eventsourcing.application import Application
-from eventsourcing.persistence import InterfaceError, Mapper, OperationalError, StoredEvent
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    Mapper,
+    OperationalError,
+    StoredEvent,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import get_topic, resolve_topic, retry
+from psycopg import Cursor
+from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier, Literal
 
 from ledger.events import LedgerEvent, stored_state_of
 from ledger.model import Fact
 
 LEDGER_APPLICATION_NAME = "ledger"
+CREATE_TABLE_ATTEMPTS_MAX = 5
+"""Tries at creating the tables when other processes create them at the same moment."""
 
 
 class AppendOnlyRecorder(PostgresApplicationRecorder):
@@ -77,6 +88,29 @@ class AppendOnlyRecorder(PostgresApplicationRecorder):
         self._last_id_statement = SQL(
             "SELECT currval(pg_get_serial_sequence({qualified}, 'notification_id')) AS last_id"
         ).format(qualified=Literal(f"{self.datastore.schema}.{self.events_table_name}"))
+
+    def create_table(self) -> None:
+        # The library creates the composite type in its own transaction first; two processes
+        # starting together can both try, and the loser gets a unique violation on pg_type
+        # (not the DuplicateObject the library expects). Trying again finds it created.
+        for attempt in range(CREATE_TABLE_ATTEMPTS_MAX):
+            try:
+                super().create_table()
+                return
+            except (IntegrityError, OperationalError):
+                if attempt == CREATE_TABLE_ATTEMPTS_MAX - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _create_table(self, curs: Cursor[DictRow]) -> None:
+        # Processes that start together would otherwise deadlock on CREATE OR REPLACE of the
+        # trigger function and triggers: one at a time, per events table.
+        curs.execute(
+            SQL("SELECT pg_advisory_xact_lock(hashtext({name}))").format(
+                name=Literal(f"aether-create:{self.datastore.schema}.{self.events_table_name}")
+            )
+        )
+        super()._create_table(curs)
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(
