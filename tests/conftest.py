@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from ledger.config import eventsourcing_env
 from ledger.embedded import start_embedded_postgres
 from ledger.store import LedgerApplication
 from ledger.writer import LedgerWriter
+from tests.schemas import fresh_schema
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +33,8 @@ def database_url() -> Iterator[str]:
 @pytest.fixture
 def schema(database_url: str) -> Iterator[str]:
     """A fresh schema per test, dropped afterwards."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    yield name
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {name} CASCADE")
+    with fresh_schema(database_url) as name:
+        yield name
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 from eventsourcing.persistence import IntegrityError, Tracking
 
@@ -16,6 +15,7 @@ from ledger.queries import read_events
 from ledger.store import LedgerApplication
 from ledger.writer import LedgerWriter
 from projections.balances import BalancesProjection
+from tests.schemas import fresh_schema
 
 ASSET = "AETH"
 
@@ -31,12 +31,8 @@ class FakeClock:
 @pytest.fixture
 def other_schema(database_url: str) -> Iterator[str]:
     """A second fresh schema, for a view built from zero."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    yield name
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {name} CASCADE")
+    with fresh_schema(database_url) as name:
+        yield name
 
 
 class Story:

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-import psycopg
 from hypothesis import HealthCheck, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -60,6 +58,7 @@ from ledger.model import (
 from ledger.queries import read_facts
 from ledger.store import LedgerApplication
 from ledger.writer import LedgerWriter
+from tests.schemas import create_schema, drop_schema
 
 R = CreateTransferResult
 LINKED = TransferFlags.linked
@@ -383,9 +382,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.schema = "t_" + uuid.uuid4().hex[:12]
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {self.schema}")
+        self.schema = create_schema(self.database_url)
         try:
             self.app = LedgerApplication(env=eventsourcing_env(self.database_url, self.schema, 2))
         except BaseException:
@@ -403,8 +400,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.drop_schema()
 
     def drop_schema(self) -> None:
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {self.schema} CASCADE")
+        drop_schema(self.database_url, self.schema)
 
     # -- helpers ----------------------------------------------------------------------------
 

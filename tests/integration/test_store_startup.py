@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import uuid
 from typing import Any
-
-import psycopg
 
 from ledger.config import eventsourcing_env
 from ledger.store import LedgerApplication
+from tests.schemas import fresh_schema
 
 PROCESSES = 4
 ROUNDS = 3
@@ -25,10 +23,7 @@ def test_processes_starting_together_on_a_fresh_schema_all_create_the_store(data
     # triggers deadlocked, and concurrent CREATE TYPE raised a unique violation.
     ctx = mp.get_context("spawn")
     for _ in range(ROUNDS):
-        schema = "t_" + uuid.uuid4().hex[:12]
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-        try:
+        with fresh_schema(database_url) as schema:
             env = eventsourcing_env(database_url, schema, pool_size=1)
             barrier = ctx.Barrier(PROCESSES)
             processes = [ctx.Process(target=_start, args=(env, barrier)) for _ in range(PROCESSES)]
@@ -37,6 +32,3 @@ def test_processes_starting_together_on_a_fresh_schema_all_create_the_store(data
             for p in processes:
                 p.join(timeout=120)
             assert [p.exitcode for p in processes] == [0] * PROCESSES
-        finally:
-            with psycopg.connect(database_url, autocommit=True) as conn:
-                conn.execute(f"DROP SCHEMA {schema} CASCADE")
