@@ -205,3 +205,8 @@ class LedgerApplication(Application[UUID]):
     def ledger_mapper(self) -> LedgerMapper:
         assert isinstance(self.mapper, LedgerMapper)
         return self.mapper
+
+    @property
+    def app_recorder(self) -> AppendOnlyRecorder:
+        assert isinstance(self.recorder, AppendOnlyRecorder)
+        return self.recorder
