@@ -114,24 +114,51 @@ class AppendOnlyRecorder(PostgresApplicationRecorder):
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(
-        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+        self,
+        stored_events: Sequence[StoredEvent],
+        *,
+        also: Sequence[tuple[AppendOnlyRecorder, Sequence[StoredEvent]]] = (),
+        **kwargs: Any,
     ) -> Sequence[int] | None:
-        """Insert the events in one transaction; returns their notification ids, in order."""
-        if not stored_events:
+        """Insert the events in one transaction; returns their notification ids, in order.
+
+        `also`: events of other applications' tables in the same database (another
+        recorder on the same datastore), committed in the same transaction, after ours:
+        all of them or none. Tables are always locked in this order (ours, then each of
+        `also`), and a recorder writing only its own table takes one lock, so two such
+        transactions cannot deadlock.
+        """
+        for other, _ in also:
+            if other.datastore is not self.datastore:
+                raise ValueError(
+                    f"{other.events_table_name} is not on this recorder's datastore: "
+                    "one transaction needs one connection"
+                )
+        if not stored_events and not any(events for _, events in also):
             return []
         with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
-            self._insert_events(curs, stored_events, **kwargs)
-            self._lock_table(curs)
-            self._notify_channel(curs)
-            with curs.copy(self._copy_statement) as copy:
-                copy.set_types(["uuid", "int8", "text", "bytea"])
-                write_row = copy.write_row
-                for e in stored_events:
-                    write_row((e.originator_id, e.originator_version, e.topic, e.state))
-            curs.execute(self._last_id_statement, prepare=True)
-            row = curs.fetchone()
-            assert row is not None
-            last_id = int(row["last_id"])
+            ids = self._copy_events(curs, stored_events, **kwargs) if stored_events else []
+            for other, events in also:
+                if events:
+                    other._copy_events(curs, events)
+        return ids
+
+    def _copy_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> list[int]:
+        """Lock the table and COPY the events in, inside the caller's transaction."""
+        self._insert_events(curs, stored_events, **kwargs)
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        with curs.copy(self._copy_statement) as copy:
+            copy.set_types(["uuid", "int8", "text", "bytea"])
+            write_row = copy.write_row
+            for e in stored_events:
+                write_row((e.originator_id, e.originator_version, e.topic, e.state))
+        curs.execute(self._last_id_statement, prepare=True)
+        row = curs.fetchone()
+        assert row is not None
+        last_id = int(row["last_id"])
         return list(range(last_id - len(stored_events) + 1, last_id + 1))
 
 

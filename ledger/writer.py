@@ -46,6 +46,7 @@ from ledger.limits import (
 from ledger.model import (
     Account,
     CreateAccountResult,
+    CreateTransferResult,
     Fact,
     LedgerState,
     NewAccount,
@@ -53,7 +54,7 @@ from ledger.model import (
     TransferOutcome,
 )
 from ledger.queries import read_events
-from ledger.store import LedgerApplication
+from ledger.store import AppendOnlyRecorder, LedgerApplication
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,28 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class AtomicOutcome:
+    """The answer to `LedgerWriter.execute`: every account and transfer result, and whether
+    all of it (and the events that came with it) was applied. When not, nothing was."""
+
+    accounts: list[CreateAccountResult]
+    transfers: list[TransferOutcome]
+    applied: bool
+
+    def first_failure(self) -> CreateAccountResult | TransferOutcome | None:
+        """The first result that is not ok, skipping the linked_event_failed that a failing
+        link causes in the rest of its chain; None when everything applied."""
+        for result in self.accounts:
+            if result is not CreateAccountResult.ok:
+                return result
+        failed = [o for o in self.transfers if not o.ok]
+        for outcome in failed:
+            if outcome.result is not CreateTransferResult.linked_event_failed:
+                return outcome
+        return failed[0] if failed else None
 
 
 @dataclass(slots=True)
@@ -76,6 +99,13 @@ class _Decided:
     """The batch number it claims (only meaningful when stored is not empty)."""
     undo_start: int
     undo_end: int
+    also: list[tuple[AppendOnlyRecorder, list[StoredEvent]]]
+    """Events of other tables that atomic requests brought, committed in the same
+    transaction."""
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.stored) or bool(self.also)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +113,10 @@ class _Request:
     accounts: Sequence[NewAccount] | None
     transfers: Sequence[NewTransfer] | None
     future: Future[Any]
+    atomic: bool = False
+    """All of it or nothing: its accounts, its transfers and `events`."""
+    events: Sequence[StoredEvent] = ()
+    events_recorder: AppendOnlyRecorder | None = None
 
     @property
     def size(self) -> int:
@@ -125,6 +159,27 @@ class LedgerWriter:
 
     def create_transfers(self, transfers: Sequence[NewTransfer]) -> list[TransferOutcome]:
         result: list[TransferOutcome] = self._call(_Request(None, transfers, Future()))
+        return result
+
+    def execute(
+        self,
+        accounts: Sequence[NewAccount],
+        transfers: Sequence[NewTransfer],
+        *,
+        events: Sequence[StoredEvent] = (),
+        events_recorder: AppendOnlyRecorder | None = None,
+    ) -> AtomicOutcome:
+        """Open `accounts`, create `transfers` and append `events` (stored events of another
+        application's table on the same database, e.g. the marketplace's) all together, in
+        one Postgres transaction, or nothing at all: when any account or transfer is not
+        ok, nothing of the request is applied or recorded (not even the rejection; a retry
+        is decided again), and the outcome says why. Waits until it is committed."""
+        if events and events_recorder is None:
+            raise ValueError("events need the recorder of the table they belong to")
+        request = _Request(
+            accounts, transfers, Future(), atomic=True, events=events, events_recorder=events_recorder
+        )
+        result: AtomicOutcome = self._call(request)
         return result
 
     def expire_pending(self) -> list[TransferOutcome]:
@@ -233,7 +288,7 @@ class LedgerWriter:
             if decided is None:
                 return
             try:
-                ids = self.app.recorder.insert_events(decided.stored) if decided.stored else []
+                ids = self._insert(decided)
             except Exception as e:
                 self._recover(decided, e)
                 continue
@@ -296,8 +351,26 @@ class LedgerWriter:
         now = self.clock()
         answers: list[Any] = []
         facts: list[Fact] = []
+        also: dict[int, tuple[AppendOnlyRecorder, list[StoredEvent]]] = {}
         for request in batch:
-            if request.accounts is not None:
+            if request.atomic:
+                mark = self.state.mark()
+                results, opened = self.state.open_accounts(request.accounts or (), now)
+                outcomes, new_facts = self.state.create_transfers(request.transfers or (), now)
+                applied = all(r is CreateAccountResult.ok for r in results) and all(
+                    o.ok for o in outcomes
+                )
+                if applied:
+                    facts.extend(opened)
+                    facts.extend(new_facts)
+                    if request.events:
+                        recorder = request.events_recorder
+                        assert recorder is not None
+                        also.setdefault(id(recorder), (recorder, []))[1].extend(request.events)
+                else:
+                    self.state.rollback(mark)
+                answers.append(AtomicOutcome(results, outcomes, applied))
+            elif request.accounts is not None:
                 results, opened = self.state.open_accounts(request.accounts, now)
                 answers.append(results)
                 facts.extend(opened)
@@ -317,7 +390,17 @@ class LedgerWriter:
                 )
             )
             self._decided_batch_number = batch_number
-        return _Decided(batch, answers, stored, batch_number, undo_start, self.state.mark())
+        return _Decided(
+            batch, answers, stored, batch_number, undo_start, self.state.mark(), list(also.values())
+        )
+
+    def _insert(self, decided: _Decided) -> Sequence[int] | None:
+        if not decided.writes:
+            return []
+        ids: Sequence[int] | None = self.app.app_recorder.insert_events(
+            decided.stored, also=decided.also
+        )
+        return ids
 
     def _committed(self, decided: _Decided, notification_ids: Sequence[int] | None) -> None:
         self.state.release(decided.undo_end)
@@ -337,7 +420,7 @@ class LedgerWriter:
             self._catch_up_if_behind()
             decided = self._decide(batch)
             try:
-                ids = self.app.recorder.insert_events(decided.stored) if decided.stored else []
+                ids = self._insert(decided)
             except IntegrityError as e:
                 # Another writer committed first: undo our decisions, read theirs, retry.
                 self.state.rollback(decided.undo_start)
@@ -345,8 +428,9 @@ class LedgerWriter:
                 if self._head_batch_number() == self.batch_number:
                     # Nobody else wrote: the log holds an event our state does not know.
                     raise WriterStateError(
-                        f"shard {self.shard}: an event of this batch is already stored but "
-                        f"unknown to the writer at position {self.position}: {e}"
+                        f"shard {self.shard}: an event of this batch (or of another table's "
+                        "events brought with it) is already stored but unknown to the writer "
+                        f"at position {self.position}: {e}"
                     ) from e
                 self.races_lost += 1
                 # Back off a little (with jitter) so that a writer with a big batch gets a
