@@ -28,6 +28,9 @@ class AccountCode(IntEnum):
     """Protocol fees."""
     insurance_pool = 10
     """Slashed stake, out of which affected consumers are refunded."""
+    bid_escrow = 11
+    """Funds held for a resting bid (owner: the bid), until its fills move them to lease
+    escrows and the remainder goes back to the consumer."""
 
 
 class TransferCode(IntEnum):

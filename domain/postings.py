@@ -13,7 +13,8 @@ One account per (AccountCode, owner), with a deterministic id::
     account_id(code, owner) = uuid5(ACCOUNT_ID_NAMESPACE, f"{code.name}:{owner}")
 
 Owners: a consumer's id (consumer_available), a provider's id (provider_earnings,
-provider_stake_bonded, provider_stake_unbonding), a lease's id (lease_escrow). The
+provider_stake_bonded, provider_stake_unbonding), a bid's id (bid_escrow), a lease's id
+(lease_escrow), a checker's id (checker_stake, checker_rewards). The
 protocol-wide accounts (chain_custody, protocol_treasury, insurance_pool) are owned by
 `PROTOCOL_OWNER` (= `domain.lease.PROTOCOL_ID`, UUID(int=1)).
 
@@ -33,10 +34,18 @@ Scheme (one fact -> its transfers; amounts are the fact's, never recomputed)
 - `StakeSlashed`: from_bonded provider_stake_bonded -> insurance_pool, and each
   from_unbonding part provider_stake_unbonding -> insurance_pool (slash); the legs are one
   linked chain: all or nothing.
-- `OrderMatched`: a PENDING transfer consumer_available -> lease_escrow (escrow_hold) of
-  escrow_amount, no timeout: the consumer's funds are reserved for the lease.
+- `DepositConfirmed`: chain_custody -> consumer_available (deposit).
+- `BidPlaced`: the bid's escrow consumer_available -> bid_escrow (escrow_hold): a bid arrives
+  with its escrow held, so no later match can find the consumer short of funds.
+- `OrderMatched`: a PENDING transfer bid_escrow -> lease_escrow (escrow_hold) of
+  escrow_amount, no timeout: the bid's funds are reserved for the lease.
 - `LeaseOpened`: posts that hold in full (escrow_hold, pending_id = `escrow_hold_id`): the
   escrow now sits in lease_escrow and usage may draw it.
+- `BidRemainderRefunded`: bid_escrow -> consumer_available (escrow_release): what the bid's
+  fills did not use, when it leaves the book.
+- `CheckerRegistered`: chain_custody -> checker_stake (stake_bond).
+- `CheckerPenalized`: checker_stake -> insurance_pool (slash).
+- `ConsumerRefunded`: insurance_pool -> consumer_available (refund).
 - `EscrowToppedUp`: consumer_available -> lease_escrow (escrow_hold), posted at once.
 - `UsageCharged`: the drawn `amount` splits into fee = amount * protocol_fee_bps // 10_000
   (rounded down) and provider = amount - fee, so provider + fee == amount exactly; a linked
@@ -74,9 +83,12 @@ from datetime import datetime
 from typing import Protocol
 from uuid import UUID, uuid5
 
+from domain import funds as funds_facts
 from domain import lease as lease_facts
 from domain import orderbook as book_facts
+from domain import slashing as slashing_facts
 from domain import stake as stake_facts
+from domain import verdicts as verdict_facts
 from domain.codes import AccountCode, TransferCode
 from domain.lease import PROTOCOL_ID, lease_id_for
 from ledger.model import NIL_ID, AccountFlags, NewAccount, NewTransfer, References, TransferFlags
@@ -102,10 +114,20 @@ PROVIDER_CODES = (
     AccountCode.provider_stake_unbonding,
 )
 LEASE_CODES = (AccountCode.lease_escrow,)
+BID_CODES = (AccountCode.bid_escrow,)
+CHECKER_CODES = (AccountCode.checker_stake, AccountCode.checker_rewards)
 BPS_MAX = 10_000
 """Basis points in a whole: a fee of BPS_MAX takes everything."""
 
-MarketFact = stake_facts.Fact | book_facts.OrderBookFact | lease_facts.LeaseFact
+MarketFact = (
+    stake_facts.Fact
+    | book_facts.OrderBookFact
+    | lease_facts.LeaseFact
+    | funds_facts.DepositConfirmed
+    | verdict_facts.CheckerRegistered
+    | slashing_facts.CheckerPenalized
+    | slashing_facts.ConsumerRefunded
+)
 """Every fact `postings_for` accepts."""
 
 
@@ -178,10 +200,13 @@ def accounts_for(
     consumers: Iterable[UUID] = (),
     providers: Iterable[UUID] = (),
     leases: Iterable[UUID] = (),
+    bids: Iterable[UUID] = (),
+    checkers: Iterable[UUID] = (),
     rules: PostingRules = DEFAULT_POSTING_RULES,
 ) -> tuple[NewAccount, ...]:
     """The accounts to open: the protocol's (if `protocol`), then each consumer's, each
-    provider's and each lease's. Opening an account again with equal fields is `ok`."""
+    provider's, each lease's, each bid's and each checker's. Opening an account again with
+    equal fields is `ok`."""
     commands: list[NewAccount] = []
     if protocol:
         commands += [_new_account(code, PROTOCOL_OWNER, rules) for code in PROTOCOL_CODES]
@@ -189,6 +214,8 @@ def accounts_for(
         (consumers, CONSUMER_CODES),
         (providers, PROVIDER_CODES),
         (leases, LEASE_CODES),
+        (bids, BID_CODES),
+        (checkers, CHECKER_CODES),
     ):
         for owner in owners:
             commands += [_new_account(code, owner, rules) for code in codes]
@@ -280,18 +307,108 @@ def postings_for(
     *,
     key: str | None = None,
     parties: LeaseParties | None = None,
+    consumer_id: UUID | None = None,
     rules: PostingRules = DEFAULT_POSTING_RULES,
 ) -> tuple[NewTransfer, ...]:
     """The ledger transfers that mirror `fact`, in the order to submit them; () when the fact
     moves no money. `parties` (the lease) is required for EscrowToppedUp, UsageCharged and
-    LeaseClosed, whose facts name only the lease. `key` is required for the facts that have
-    no id of their own (StakeBonded, StakeSlashed, EscrowToppedUp, UsageCharged): what names
-    the fact uniquely, e.g. its event's stream and version."""
+    LeaseClosed, whose facts name only the lease; `consumer_id` (the bid's) for
+    BidRemainderRefunded. `key` is required for the facts that have no id of their own
+    (StakeBonded, StakeSlashed, EscrowToppedUp, UsageCharged): what names the fact uniquely,
+    e.g. its event's stream and version."""
     custody = protocol_account_id(AccountCode.chain_custody)
+    pool = protocol_account_id(AccountCode.insurance_pool)
+    if isinstance(fact, funds_facts.DepositConfirmed):
+        refs: References = (
+            ("fact", "deposit_confirmed"),
+            ("consumer", str(fact.consumer_id)),
+            ("chain", fact.reference),
+        )
+        leg = _Leg(
+            "deposit",
+            custody,
+            account_id(AccountCode.consumer_available, fact.consumer_id),
+            fact.amount,
+            TransferCode.deposit,
+        )
+        return _transfers(f"deposit:{fact.deposit_id}", [leg], refs, fact.confirmed_at, rules)
+    if isinstance(fact, book_facts.BidPlaced):
+        bid = fact.bid
+        refs = (("fact", "bid_placed"), ("bid", str(bid.id)), ("consumer", str(bid.consumer_id)))
+        leg = _Leg(
+            "escrow_hold",
+            account_id(AccountCode.consumer_available, bid.consumer_id),
+            account_id(AccountCode.bid_escrow, bid.id),
+            bid.escrow,
+            TransferCode.escrow_hold,
+        )
+        return _transfers(f"bid_placed:{bid.id}", [leg], refs, fact.placed_at, rules)
+    if isinstance(fact, book_facts.BidRemainderRefunded):
+        if consumer_id is None:
+            raise ValueError(
+                f"BidRemainderRefunded of bid {fact.bid_id}: pass consumer_id= (the bid's)"
+            )
+        refs = (("fact", "bid_remainder_refunded"), ("bid", str(fact.bid_id)))
+        leg = _Leg(
+            "release",
+            account_id(AccountCode.bid_escrow, fact.bid_id),
+            account_id(AccountCode.consumer_available, consumer_id),
+            fact.escrow_amount,
+            TransferCode.escrow_release,
+        )
+        return _transfers(
+            f"bid_remainder_refunded:{fact.bid_id}", [leg], refs, fact.refunded_at, rules
+        )
+    if isinstance(fact, verdict_facts.CheckerRegistered):
+        c = fact.checker_id
+        refs = (("fact", "checker_registered"), ("checker", str(c)))
+        leg = _Leg(
+            "stake",
+            custody,
+            account_id(AccountCode.checker_stake, c),
+            fact.stake_amount,
+            TransferCode.stake_bond,
+        )
+        return _transfers(f"checker_registered:{c}", [leg], refs, fact.registered_at, rules)
+    if isinstance(fact, slashing_facts.CheckerPenalized):
+        c = fact.checker_id
+        window = _at(fact.window_start)
+        refs = (
+            ("fact", "checker_penalized"),
+            ("checker", str(c)),
+            ("node", str(fact.node_id)),
+            ("window", window),
+        )
+        leg = _Leg(
+            "penalty",
+            account_id(AccountCode.checker_stake, c),
+            pool,
+            fact.amount,
+            TransferCode.slash,
+        )
+        identity = f"checker_penalized:{c}:{fact.node_id}:{window}"
+        return _transfers(identity, [leg], refs, fact.penalized_at, rules)
+    if isinstance(fact, slashing_facts.ConsumerRefunded):
+        window = _at(fact.window_start)
+        refs = (
+            ("fact", "consumer_refunded"),
+            ("lease", str(fact.lease_id)),
+            ("node", str(fact.node_id)),
+            ("window", window),
+        )
+        leg = _Leg(
+            "refund",
+            pool,
+            account_id(AccountCode.consumer_available, fact.consumer_id),
+            fact.amount,
+            TransferCode.refund,
+        )
+        identity = f"consumer_refunded:{fact.lease_id}:{window}"
+        return _transfers(identity, [leg], refs, fact.refunded_at, rules)
     if isinstance(fact, stake_facts.StakeBonded):
         p = fact.provider_id
         identity = f"stake_bonded:{p}:{_require_key(fact, key)}"
-        refs: References = (
+        refs = (
             ("fact", "stake_bonded"),
             ("provider", str(p)),
             ("at", _at(fact.bonded_at)),
@@ -327,7 +444,6 @@ def postings_for(
             ("kind", fact.kind.name),
             ("at", _at(fact.slashed_at)),
         )
-        pool = protocol_account_id(AccountCode.insurance_pool)
         legs = [
             _Leg(
                 "from_bonded",
@@ -360,7 +476,7 @@ def postings_for(
         )
         leg = _Leg(
             "escrow_hold",
-            account_id(AccountCode.consumer_available, fact.consumer_id),
+            account_id(AccountCode.bid_escrow, fact.bid_id),
             account_id(AccountCode.lease_escrow, lease_id),
             fact.escrow_amount,
             TransferCode.escrow_hold,
@@ -371,7 +487,7 @@ def postings_for(
         refs = (("fact", "lease_opened"), ("lease", str(fact.lease_id)))
         leg = _Leg(
             "escrow_post",
-            account_id(AccountCode.consumer_available, fact.consumer_id),
+            account_id(AccountCode.bid_escrow, fact.bid_id),
             account_id(AccountCode.lease_escrow, fact.lease_id),
             fact.escrow_amount,
             TransferCode.escrow_hold,
@@ -449,7 +565,9 @@ def postings_for(
 
 __all__ = [
     "ACCOUNT_ID_NAMESPACE",
+    "BID_CODES",
     "BPS_MAX",
+    "CHECKER_CODES",
     "CONSUMER_CODES",
     "DEFAULT_POSTING_RULES",
     "LEASE_CODES",

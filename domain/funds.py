@@ -1,0 +1,91 @@
+"""Consumer funds arriving from the chain. Pure: no I/O, no clock reads.
+
+A consumer pays into the protocol's contract on chain; once the deposit is confirmed, the
+chain side (chain_custody) credits the consumer's `consumer_available` account. The chain
+watcher (a later issue) produces these confirmations from contract events, keyed by
+(transaction hash, log index); here a deposit is named by its `deposit_id`, and confirming
+the same deposit again with the same fields is `ok` and records nothing new.
+
+Ledger mirror: `DepositConfirmed`: `amount` chain_custody -> consumer_available (deposit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import IntEnum
+from uuid import UUID
+
+from domain.checks import require_int, require_uuid
+from ledger.limits import AMOUNT_MAX
+
+REFERENCE_LENGTH_MAX = 128
+"""Longest deposit reference (e.g. "0x<tx hash>:<log index>")."""
+
+
+@dataclass(frozen=True, slots=True)
+class DepositConfirmed:
+    """Fact: a consumer's deposit on chain is confirmed and credited."""
+
+    deposit_id: UUID
+    consumer_id: UUID
+    amount: int
+    """> 0, in the token's smallest unit."""
+    reference: str
+    """Where it comes from on chain, e.g. "0x<tx hash>:<log index>"; 1..REFERENCE_LENGTH_MAX."""
+    confirmed_at: datetime
+
+
+class ConfirmDepositResult(IntEnum):
+    """Result of `confirm_deposit`, in the order the rules are checked. Never renumber."""
+
+    ok = 0
+    deposit_id_must_not_be_zero = 1
+    consumer_id_must_not_be_zero = 2
+    amount_must_not_be_negative = 3
+    amount_must_not_be_zero = 4
+    amount_exceeds_max = 5
+    reference_must_not_be_empty = 6
+    reference_exceeds_max_length = 7
+    exists_with_different_fields = 8
+
+
+def confirm_deposit(
+    confirmed: Mapping[UUID, DepositConfirmed],
+    deposit_id: UUID,
+    consumer_id: UUID,
+    amount: int,
+    reference: str,
+    now: datetime,
+) -> tuple[ConfirmDepositResult, tuple[DepositConfirmed, ...]]:
+    """Confirm a deposit; `confirmed` holds the deposits confirmed before (by id)."""
+    r = ConfirmDepositResult
+    require_uuid("deposit_id", deposit_id)
+    require_uuid("consumer_id", consumer_id)
+    require_int("amount", amount)
+    if not isinstance(reference, str):
+        raise TypeError(f"reference must be a str, got {reference!r}")
+    if not deposit_id.int:
+        return r.deposit_id_must_not_be_zero, ()
+    if not consumer_id.int:
+        return r.consumer_id_must_not_be_zero, ()
+    if amount < 0:
+        return r.amount_must_not_be_negative, ()
+    if amount == 0:
+        return r.amount_must_not_be_zero, ()
+    if amount > AMOUNT_MAX:
+        return r.amount_exceeds_max, ()
+    if not reference:
+        return r.reference_must_not_be_empty, ()
+    if len(reference) > REFERENCE_LENGTH_MAX:
+        return r.reference_exceeds_max_length, ()
+    existing = confirmed.get(deposit_id)
+    if existing is not None:
+        same = (existing.consumer_id, existing.amount, existing.reference) == (
+            consumer_id,
+            amount,
+            reference,
+        )
+        return (r.ok, ()) if same else (r.exists_with_different_fields, ())
+    return r.ok, (DepositConfirmed(deposit_id, consumer_id, amount, reference, now),)
