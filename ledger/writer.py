@@ -177,7 +177,12 @@ class LedgerWriter:
         if events and events_recorder is None:
             raise ValueError("events need the recorder of the table they belong to")
         request = _Request(
-            accounts, transfers, Future(), atomic=True, events=events, events_recorder=events_recorder
+            accounts,
+            transfers,
+            Future(),
+            atomic=True,
+            events=events,
+            events_recorder=events_recorder,
         )
         result: AtomicOutcome = self._call(request)
         return result

@@ -56,6 +56,7 @@ from uuid import UUID, uuid5
 import orjson
 
 from domain import funds, lease, orderbook, providers, slashing, stake, verdicts
+from domain.codes import AccountCode
 from domain.lease import PROTOCOL_ID, CloseReason, Lease, LeaseRules, LeaseStatus
 from domain.orderbook import Ask, Bid, OrderBook
 from domain.postings import (
@@ -66,7 +67,6 @@ from domain.postings import (
     accounts_for,
     postings_for,
 )
-from domain.codes import AccountCode
 from domain.providers import Node, Provider
 from domain.slashing import SlashingRules
 from domain.stake import ProviderStake, StakeRules
@@ -486,7 +486,9 @@ class _Work:
     """One command's unit of work: a staged view over the state, the facts recorded, their
     ledger postings and the accounts those need. Applied to the state only after commit."""
 
-    def __init__(self, state: MarketState, command_id: UUID, now: datetime, rules: MarketRules):
+    def __init__(
+        self, state: MarketState, command_id: UUID, now: datetime, rules: MarketRules
+    ) -> None:
         self.base = state
         self.command_id = command_id
         self.now = now
@@ -729,7 +731,7 @@ class Marketplace:
 
     # -- decisions -----------------------------------------------------------------------
 
-    def _decide(self, work: _Work, c: Command) -> None:  # noqa: C901
+    def _decide(self, work: _Work, c: Command) -> None:
         result: IntEnum
         facts: Sequence[Any]
         f: Any
@@ -897,8 +899,7 @@ class Marketplace:
                     if theirs.public_key == node.public_key or theirs.node_id == node.node_id:
                         raise RuleRefusedError(
                             providers.ListNodeResult.public_key_in_use,
-                            f"node {node.node_id}: id or key used by provider "
-                            f"{other.provider_id}",
+                            f"node {node.node_id}: id or key used by provider {other.provider_id}",
                         )
 
     def _place_ask(self, work: _Work, ask: Ask) -> None:
@@ -987,7 +988,7 @@ class Marketplace:
         open_leases = [x for x in work.staged.leases.values() if x.status is not LeaseStatus.closed]
         open_leases.sort(key=lambda x: (x.opened_at, x.id))
         for current in open_leases[:LEASES_PER_TICK_MAX]:
-            down_result, down = lease.detect_downtime(current, now, self.rules.lease)
+            _down_result, down = lease.detect_downtime(current, now, self.rules.lease)
             for f in down:
                 work.record(current.id, f)
             current = work.staged.leases[current.id]
@@ -1097,4 +1098,3 @@ def _unique_accounts(accounts: Sequence[NewAccount]) -> list[NewAccount]:
             seen.add(a.id)
             unique.append(a)
     return unique
-
