@@ -13,6 +13,8 @@ import psycopg
 from ledger.config import Settings, eventsourcing_env
 from ledger.embedded import start_embedded_postgres
 from ledger.errors import StoreUnavailableError
+from ledger.market.service import Clock, Marketplace, MarketRules, utc_now
+from ledger.market.store import MarketplaceApplication
 from ledger.store import LedgerApplication
 from ledger.writer import LedgerWriter
 
@@ -54,6 +56,27 @@ def open_ledger(settings: Settings) -> Iterator[Ledger]:
         yield Ledger(settings, url, app, writer, embedded=server is not None)
     finally:
         app.close()
+
+
+@dataclass
+class Market:
+    """What a process needs to run the marketplace on the ledger."""
+
+    ledger: Ledger
+    app: MarketplaceApplication
+    service: Marketplace
+
+
+@contextmanager
+def open_market(
+    settings: Settings, *, rules: MarketRules | None = None, clock: Clock = utc_now
+) -> Iterator[Market]:
+    """The ledger (see `open_ledger`) and the marketplace service of its shard, on the same
+    database and connection pool (one transaction writes both)."""
+    with open_ledger(settings) as ledger:
+        app = MarketplaceApplication(ledger.app.app_recorder.datastore, env=ledger.app.env)
+        service = Marketplace(app, ledger.writer, rules=rules, clock=clock)
+        yield Market(ledger, app, service)
 
 
 def _redact(url: str) -> str:

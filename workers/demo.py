@@ -1,199 +1,402 @@
-"""`aether demo`: a consumer rents GPU time from a provider, settled through the ledger.
+"""`aether demo`: a small GPU marketplace, from stake to slash, on the embedded default.
 
-Deterministic ids (uuid5 of a name): running the demo again retries the same transfers,
-which the ledger recognises and answers with their original results; nothing moves twice.
+Two providers bond stake and ask; two consumers deposit and bid; leases open at the ask
+price with their escrow held; nodes send heartbeats and usage is charged; one node goes
+down; three checkers judge the window and reach a quorum; the provider is slashed, the
+affected consumer refunded out of the slash and the checker who vouched for the dead node
+penalised. Then it prints the order book, the leases, reputation and every balance.
+
+Market time is simulated (the rules take time as an argument), starting at
+`DEMO_START`, so a 15-minute verdict window passes in a second. Every id, command ids
+included, is derived from a name: running the demo again on the same database retries
+every command, and the service answers each as a retry; nothing is recorded twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from domain.codes import AccountCode, TransferCode
+from domain.codes import AccountCode
+from domain.lease import DEMO_LEASE_RULES, CloseReason, Lease
+from domain.orderbook import Ask, Bid, escrow_required
+from domain.postings import account_id, protocol_account_id
+from domain.providers import Node
+from domain.verdicts import FailureKind, Verdict, reputation, window_containing, window_end_of
 from ledger.config import Settings
-from ledger.model import AccountFlags, NewAccount, NewTransfer, TransferFlags, TransferOutcome
+from ledger.market import service as m
 from ledger.money import format_amount, units
-from workers.bootstrap import open_ledger
+from workers.bootstrap import open_market
 from workers.report import print_accounts
 
+DEMO_START = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+"""Market time of the demo's first command (a verdict window starts here)."""
+HEARTBEAT_STEP_S = 5
+USAGE_STEP_S = 60
 ASSET = "AETH"
-USER = AccountFlags.debits_must_not_exceed_credits
 
 
 def _id(name: str) -> UUID:
     return uuid5(NAMESPACE_URL, f"aether-demo:{name}")
 
 
-def _say(outcome: TransferOutcome, what: str) -> None:
-    status = "ok" if outcome.ok else f"rejected: {outcome.result.name}"
-    print(f"  {what:<62} {status}")
+def _key(name: str) -> str:
+    return uuid5(NAMESPACE_URL, f"aether-demo-key:{name}").hex * 2
+
+
+def _address(name: str) -> str:
+    return "0x" + (uuid5(NAMESPACE_URL, f"aether-demo-address:{name}").hex * 2)[:40]
+
+
+def _aeth(amount: int) -> str:
+    return f"{format_amount(amount)} {ASSET}"
+
+
+@dataclass
+class _Clock:
+    now: datetime = DEMO_START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class _Demo:
+    service: m.Marketplace
+    clock: _Clock
+    retried: int = 0
+    sent: int = 0
+    sequences: dict[UUID, int] = field(default_factory=dict)
+    names: dict[UUID, str] = field(default_factory=dict)
+
+    def send(self, name: str, make: Callable[[UUID], m.Command]) -> m.Handled:
+        """Send the command named `name` (its id is derived from the name)."""
+        handled = self.service.handle(make(_id(f"command:{name}")))
+        self.sent += 1
+        self.retried += handled.retried
+        return handled
+
+    def say(self, text: str) -> None:
+        print(f"  [{self.clock.now:%H:%M:%S}] {text}")
+
+    def advance(self, seconds: int, beating: list[UUID], charging: list[UUID]) -> None:
+        """Let market time pass: heartbeats of the `beating` leases every 5 s, usage of the
+        `charging` leases every minute, a tick every step."""
+        end = self.clock.now + timedelta(seconds=seconds)
+        while self.clock.now < end:
+            self.clock.now += timedelta(seconds=HEARTBEAT_STEP_S)
+            stamp = self.clock.now.isoformat()
+            for lease_id in beating:
+                lease = self._lease(lease_id)
+                sequence = self.sequences.get(lease_id, 0) + 1
+                self.sequences[lease_id] = sequence
+                self.send(
+                    f"heartbeat:{lease_id}:{sequence}",
+                    lambda c, lease=lease, seq=sequence: m.RecordHeartbeat(
+                        c, lease.id, lease.node_id, seq, self.clock.now
+                    ),
+                )
+            elapsed_s = int((self.clock.now - DEMO_START).total_seconds())
+            if elapsed_s % USAGE_STEP_S == 0:
+                for lease_id in charging:
+                    lease = self._lease(lease_id)
+                    amount = lease.gpu_count * lease.price_per_gpu_hour * USAGE_STEP_S // 3_600
+                    self.send(
+                        f"usage:{lease_id}:{stamp}",
+                        lambda c, lease=lease, amount=amount, stamp=stamp: m.ChargeUsage(
+                            c, lease.id, amount, f"usage:{lease.id}:{stamp}"
+                        ),
+                    )
+            self.send(f"tick:{stamp}", m.Tick)
+
+    def _lease(self, lease_id: UUID) -> Lease:
+        lease = self.service.lease(lease_id)
+        assert lease is not None
+        return lease
 
 
 def run_demo(settings: Settings) -> int:
-    accounts = {
-        "chain custody": (AccountCode.chain_custody, AccountFlags.none),
-        "consumer alice": (AccountCode.consumer_available, USER),
-        "lease-1 escrow": (AccountCode.lease_escrow, USER),
-        "lease-2 escrow": (AccountCode.lease_escrow, USER),
-        "provider gpu-farm": (AccountCode.provider_earnings, USER),
-        "protocol treasury": (AccountCode.protocol_treasury, USER),
-    }
-    ids = {name: _id(name) for name in accounts}
-    names = {v: k for k, v in ids.items()}
-    with open_ledger(settings) as ledger:
-        where = "embedded PostgreSQL" if ledger.embedded else "DATABASE_URL"
-        print(f"aether demo: ledger on {where}, shard {ledger.writer.shard}\n")
-        writer = ledger.writer
-        results = writer.open_accounts(
-            [NewAccount(ids[n], ASSET, code, flags) for n, (code, flags) in accounts.items()]
-        )
-        print(f"opened {len(results)} accounts: {', '.join(accounts)}\n")
-
-        def transfer(
-            name: str,
-            debit: str,
-            credit: str,
-            amount: int,
-            code: TransferCode,
-            *,
-            flags: TransferFlags = TransferFlags.none,
-            pending: str | None = None,
-            timeout_s: int = 0,
-        ) -> NewTransfer:
-            return NewTransfer(
-                id=_id(name),
-                debit_account_id=ids[debit] if debit else UUID(int=0),
-                credit_account_id=ids[credit] if credit else UUID(int=0),
-                amount=amount,
-                asset=ASSET,
-                code=code,
-                flags=flags,
-                pending_id=_id(pending) if pending else UUID(int=0),
-                timeout_s=timeout_s,
-                references=(("lease", "lease-1"),) if "lease-1" in name else (),
-            )
-
-        settle_lease_1 = [
-            transfer(
-                "lease-1 usage",
-                "lease-1 escrow",
-                "provider gpu-farm",
-                units(285),
-                TransferCode.usage_charge,
-                flags=TransferFlags.linked,
-            ),
-            transfer(
-                "lease-1 fee",
-                "lease-1 escrow",
-                "protocol treasury",
-                units(15),
-                TransferCode.protocol_fee,
-            ),
-        ]
-        withdraw = [
-            transfer(
-                "withdraw-1",
-                "consumer alice",
-                "chain custody",
-                units(600),
-                TransferCode.withdrawal,
-            )
-        ]
-        steps: list[tuple[str, list[NewTransfer]]] = [
-            (
-                "alice deposits 1,000 AETH on chain",
-                [
-                    transfer(
-                        "deposit-1",
-                        "chain custody",
-                        "consumer alice",
-                        units(1000),
-                        TransferCode.deposit,
-                    )
-                ],
-            ),
-            (
-                "lease-1 opens: hold 300 AETH in escrow (pending, 1 h timeout)",
-                [
-                    transfer(
-                        "lease-1 hold",
-                        "consumer alice",
-                        "lease-1 escrow",
-                        units(300),
-                        TransferCode.escrow_hold,
-                        flags=TransferFlags.pending,
-                        timeout_s=3600,
-                    )
-                ],
-            ),
-            (
-                "lease-2 opens: hold 150 AETH in escrow (pending)",
-                [
-                    transfer(
-                        "lease-2 hold",
-                        "consumer alice",
-                        "lease-2 escrow",
-                        units(150),
-                        TransferCode.escrow_hold,
-                        flags=TransferFlags.pending,
-                        timeout_s=3600,
-                    )
-                ],
-            ),
-            (
-                "alice tries to withdraw 600 AETH while 450 AETH are held",
-                withdraw,
-            ),
-            (
-                "lease-1 ends: post the hold in full",
-                [
-                    transfer(
-                        "lease-1 post",
-                        "",
-                        "",
-                        units(300),
-                        TransferCode.escrow_hold,
-                        flags=TransferFlags.post_pending_transfer,
-                        pending="lease-1 hold",
-                    )
-                ],
-            ),
-            (
-                "lease-1 settles, linked: 285 AETH to provider + 15 AETH fee",
-                settle_lease_1,
-            ),
-            (
-                "lease-2 is cancelled before it starts: void the hold",
-                [
-                    transfer(
-                        "lease-2 void",
-                        "",
-                        "",
-                        0,
-                        TransferCode.escrow_hold,
-                        flags=TransferFlags.void_pending_transfer,
-                        pending="lease-2 hold",
-                    )
-                ],
-            ),
-            (
-                "retry the lease-1 settlement (same ids, same fields)",
-                settle_lease_1,
-            ),
-            (
-                "retry the refused withdrawal, now that 700 AETH are free",
-                withdraw,
-            ),
-        ]
-        for what, transfers in steps:
-            outcomes = writer.create_transfers(transfers)
-            for outcome in outcomes:
-                _say(outcome, what)
-                what = ""
-        print()
-        balanced = print_accounts(writer.state, names)
-        alice = writer.state.accounts[ids["consumer alice"]]
+    clock = _Clock()
+    rules = m.MarketRules(lease=DEMO_LEASE_RULES)
+    with open_market(settings, rules=rules, clock=clock) as market:
+        where = "embedded PostgreSQL" if market.ledger.embedded else "DATABASE_URL"
         print(
-            f"\nalice: balance {format_amount(alice.balance)} AETH, available "
-            f"{format_amount(alice.available)} AETH; log position {writer.position}"
+            f"aether demo: a GPU marketplace on {where}, ledger shard {market.ledger.writer.shard}"
         )
+        print(f"market time starts at {DEMO_START.isoformat()} (simulated)\n")
+        demo = _Demo(market.service, clock)
+        balanced = _run(demo)
+        if demo.retried == demo.sent:
+            print(
+                f"\nthis database had seen the demo: all {demo.sent} commands were answered as "
+                "retries; nothing was recorded twice"
+            )
         return 0 if balanced else 3
+
+
+def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
+    service = demo.service
+    rules = service.rules
+    k = rules.stake.stake_per_gpu["H100"]
+    names = demo.names
+
+    print("providers register nodes and bond stake (K = " + _aeth(k) + " per H100)")
+    fleet = {
+        "atlas": Node(_id("node:atlas-1"), "H100", 4, 81_920, "eu-west", _key("atlas-1")),
+        "borealis": Node(_id("node:borealis-1"), "H100", 2, 81_920, "us-east", _key("borealis-1")),
+    }
+    for name, node in fleet.items():
+        pid = _id(f"provider:{name}")
+        names[pid] = name
+        demo.send(
+            f"register:{name}",
+            lambda c, pid=pid, name=name, node=node: m.RegisterProvider(
+                c, pid, _address(name), (node,)
+            ),
+        )
+        stake = node.gpu_count * k
+        demo.send(f"bond:{name}", lambda c, pid=pid, stake=stake: m.BondStake(c, pid, stake))
+        demo.say(
+            f"{name}: node {node.gpu_count} x {node.gpu_model} in {node.region}, bonded {_aeth(stake)}"
+        )
+    try:
+        demo.send(
+            "ask:unbonded",
+            lambda c: m.PlaceAsk(
+                c, _ask("ask:nobody", "nobody", fleet["atlas"], 4, units(1), demo.clock.now)
+            ),
+        )
+    except m.MarketError as e:
+        demo.say(f"an ask by an unregistered provider is refused: {e.code}")
+
+    print("\nconsumers deposit (confirmed on chain) and the book fills")
+    for name, amount in (("alice", units(100)), ("bob", units(60))):
+        cid = _id(f"consumer:{name}")
+        names[cid] = name
+        demo.send(
+            f"deposit:{name}",
+            lambda c, cid=cid, amount=amount, name=name: m.ConfirmDeposit(
+                c, _id(f"deposit:{name}"), cid, amount, f"0x{_id(name).hex}{_id(name).hex}:0"
+            ),
+        )
+        demo.say(f"{name} deposits {_aeth(amount)}")
+    asks = {
+        "atlas": _ask("ask:atlas", "atlas", fleet["atlas"], 4, units(25, 17), demo.clock.now),
+        "borealis": _ask(
+            "ask:borealis", "borealis", fleet["borealis"], 2, units(2), demo.clock.now
+        ),
+    }
+    for name, ask in asks.items():
+        demo.send(f"ask:{name}", lambda c, ask=ask: m.PlaceAsk(c, ask))
+        demo.say(f"{name} asks {ask.gpu_count} x H100 at {_aeth(ask.price_per_gpu_hour)}/GPU-hour")
+    bids = [
+        ("bid:alice", "alice", 2, units(3), 2 * 3_600),
+        ("bid:bob-cheap", "bob", 3, units(24, 17), 3_600),
+        ("bid:bob", "bob", 1, units(3), 3_600),
+    ]
+    leases: dict[str, UUID] = {}
+    for bid_name, consumer, gpus, max_price, duration_s in bids:
+        bid = Bid(
+            _id(bid_name),
+            _id(f"consumer:{consumer}"),
+            "H100",
+            gpus,
+            max_price,
+            duration_s,
+            escrow_required(gpus, max_price, duration_s),
+        )
+        names[bid.id] = bid_name.replace(":", " ")
+        handled = demo.send(bid_name, lambda c, bid=bid: m.PlaceBid(c, bid))
+        text = (
+            f"{consumer} bids {gpus} x H100 for {duration_s // 3_600} h at most "
+            f"{_aeth(max_price)}/GPU-hour, escrow {_aeth(bid.escrow)}"
+        )
+        if handled.lease_ids:
+            for lease_id in handled.lease_ids:
+                lease = demo._lease(lease_id)
+                provider = names[lease.provider_id]
+                leases[consumer] = lease_id
+                names[lease_id] = f"lease {consumer}/{provider}"
+                text += (
+                    f"\n{'':13}-> lease with {provider} at {_aeth(lease.price_per_gpu_hour)}, "
+                    f"{_aeth(lease.escrow_held)} in lease escrow"
+                )
+        else:
+            text += "\n" + " " * 13 + "-> rests in the book (no ask at or below its price)"
+        demo.say(text)
+    try:
+        demo.send(
+            "bid:bob-broke",
+            lambda c: m.PlaceBid(
+                c,
+                Bid(
+                    _id("bid:bob-broke"),
+                    _id("consumer:bob"),
+                    "H100",
+                    4,
+                    units(3),
+                    3_600 * 10,
+                    units(120),
+                ),
+            ),
+        )
+    except m.MarketError as e:
+        demo.say(f"bob bids beyond his funds: refused ({e.code}), nothing recorded")
+
+    print("\nthe leases run: heartbeats every 5 s, usage charged every minute")
+    alice, bob = leases["alice"], leases["bob"]
+    demo.advance(300, beating=[alice, bob], charging=[alice, bob])
+    demo.say(
+        f"charged so far: alice {_aeth(demo._lease(alice).escrow_charged)}, "
+        f"bob {_aeth(demo._lease(bob).escrow_charged)}"
+    )
+    print("\nborealis-1 goes dark: no heartbeats, no usage")
+    demo.advance(30, beating=[bob], charging=[bob])
+    down = demo._lease(alice)
+    demo.say(
+        f"downtime detected on alice's lease (no heartbeat for over {rules.lease.heartbeat_timeout_s} s): {down.downtime_open}"
+    )
+
+    print("\ncheckers register with stake and judge the 15-minute window")
+    checkers = ["kestrel", "lynx", "marten"]
+    for name in checkers:
+        cid = _id(f"checker:{name}")
+        names[cid] = f"checker {name}"
+        demo.send(
+            f"checker:{name}",
+            lambda c, cid=cid, name=name: m.RegisterChecker(
+                c, cid, _address(name), rules.verdicts.checker_stake_min
+            ),
+        )
+    window = window_containing(DEMO_START, rules.verdicts)
+    window_end = window_end_of(window, rules.verdicts)
+    demo.advance(int((window_end - demo.clock.now).total_seconds()), beating=[bob], charging=[bob])
+    verdicts = [
+        ("kestrel", "borealis", False),
+        ("lynx", "borealis", False),
+        ("marten", "borealis", True),  # vouches for a dead node
+        ("kestrel", "atlas", True),
+        ("lynx", "atlas", True),
+        ("marten", "atlas", True),
+    ]
+    for checker, provider, passed in verdicts:
+        node = fleet[provider]
+        verdict = Verdict(
+            _id(f"verdict:{checker}:{provider}"),
+            _id(f"checker:{checker}"),
+            node.node_id,
+            _id(f"provider:{provider}"),
+            window,
+            window_end,
+            140 if passed else 30_000,
+            2_000_000 if passed else 0,
+            1_000_000 if passed else 330_000,
+            passed,
+            FailureKind.none if passed else FailureKind.downtime,
+            (_id(f"evidence:{checker}:{provider}").hex * 2),
+        )
+        demo.send(f"verdict:{checker}:{provider}", lambda c, v=verdict: m.SubmitVerdict(c, v))
+        demo.say(f"{checker} on {provider}-1: {'pass' if passed else 'FAIL (downtime)'}")
+    demo.advance(rules.verdicts.verdict_grace_s, beating=[bob], charging=[bob])
+    borealis = service.stake_of(_id("provider:borealis"))
+    demo.say(
+        f"quorum failed for borealis-1 (2 of 3 checkers): slashed {_aeth(borealis.slashed)} "
+        f"(a third of K for each of its 2 GPUs) into the insurance pool"
+    )
+    for refund in service.state.refunds:
+        demo.say(
+            f"{names[refund.consumer_id]} refunded {_aeth(refund.amount)} out of the slash "
+            f"(the failed window at the lease price)"
+        )
+    penalized = (
+        rules.verdicts.checker_stake_min - service.state.checker_stake_left[_id("checker:marten")]
+    )
+    demo.say(f"marten, contradicted by the quorum, loses {_aeth(penalized)} of its stake")
+
+    print("\nalice ends her lease; the unused escrow returns to her")
+    demo.send(
+        "close:alice", lambda c: m.CloseLease(c, alice, CloseReason.consumer, _id("consumer:alice"))
+    )
+    demo.say(f"alice's lease closed, {_aeth(demo._lease(alice).escrow_released)} released")
+
+    _print_book(service)
+    _print_leases(service, names)
+    _print_reputation(service, names, demo.clock.now)
+    print()
+    accounts = _account_names(names)
+    return print_accounts(service.writer.state, accounts)
+
+
+def _ask(name: str, provider: str, node: Node, gpus: int, price: int, now: datetime) -> Ask:
+    return Ask(
+        _id(name),
+        _id(f"provider:{provider}"),
+        node.node_id,
+        node.gpu_model,
+        gpus,
+        price,
+        now + timedelta(hours=6),
+    )
+
+
+def _print_book(service: m.Marketplace) -> None:
+    book = service.book("H100")
+    print("\norder book H100 (price per GPU-hour: GPUs resting)")
+    for level in book.ask_depth():
+        print(f"  ask {_aeth(level.price_per_gpu_hour):>14}: {level.gpu_count}")
+    for level in book.bid_depth():
+        print(f"  bid {_aeth(level.price_per_gpu_hour):>14}: {level.gpu_count}")
+    best_bid, best_ask = book.best_bid(), book.best_ask()
+    if best_bid is not None and best_ask is not None:
+        print(f"  spread {_aeth(best_ask - best_bid)}: the book does not cross")
+
+
+def _print_leases(service: m.Marketplace, names: dict[UUID, str]) -> None:
+    print("\nleases")
+    print(
+        f"  {'lease':<24} {'status':<8} {'GPUs':>4} {'held':>10} {'charged':>12} {'released':>12} {'downtime':>9}"
+    )
+    for lease in sorted(service.state.leases.values(), key=lambda x: (x.opened_at, str(x.id))):
+        print(
+            f"  {names.get(lease.id, str(lease.id)[:8]):<24} {lease.status.name:<8} "
+            f"{lease.gpu_count:>4} {format_amount(lease.escrow_held):>10} "
+            f"{format_amount(lease.escrow_charged):>12} {format_amount(lease.escrow_released):>12} "
+            f"{lease.downtime_s:>7} s"
+        )
+
+
+def _print_reputation(service: m.Marketplace, names: dict[UUID, str], now: datetime) -> None:
+    from domain.verdicts import ProviderHistory
+
+    print(
+        "\nreputation (basis points; 40% uptime, 30% windows passed, 20% latency, 10% age, minus slashes)"
+    )
+    for pid, provider in sorted(
+        service.state.providers.items(), key=lambda kv: names.get(kv[0], "")
+    ):
+        history = ProviderHistory(
+            provider_id=pid,
+            registered_at=provider.registered_at,
+            decisions=service.state.verdicts.provider_decisions(pid),
+            slashes=tuple(f for f in _slashes(service, pid)),
+        )
+        score = reputation(history, now, service.rules.verdicts)
+        print(f"  {names.get(pid, str(pid)):<10} {score.score_bps:>6}")
+
+
+def _slashes(service: m.Marketplace, provider_id: UUID) -> tuple[object, ...]:
+    return ()
+
+
+def _account_names(names: dict[UUID, str]) -> dict[UUID, str]:
+    out: dict[UUID, str] = {
+        protocol_account_id(AccountCode.chain_custody): "chain custody",
+        protocol_account_id(AccountCode.protocol_treasury): "protocol treasury",
+        protocol_account_id(AccountCode.insurance_pool): "insurance pool",
+    }
+    for owner, name in names.items():
+        for code in AccountCode:
+            out[account_id(code, owner)] = f"{name}"
+    return out

@@ -16,7 +16,7 @@ by the class's ``upcast_vN_vN+1(state)`` static methods). The topic is the fact'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -130,9 +130,12 @@ class MarketplaceApplication(Application[UUID]):
 
     name = MARKETPLACE_APPLICATION_NAME
 
-    def __init__(self, datastore: PostgresDatastore, env: dict[str, str] | None = None) -> None:
+    def __init__(self, datastore: PostgresDatastore, env: Mapping[str, str] | None = None) -> None:
+        """`datastore`: the ledger's (its pool and schema). The library's own persistence
+        factory is only asked for the transcoder, so it is the in-memory one: it opens no
+        second pool."""
         self._datastore = datastore
-        super().__init__(env=env)
+        super().__init__(env={**(env or {}), "PERSISTENCE_MODULE": "eventsourcing.popo"})
 
     def construct_mapper(self) -> MarketMapper:
         return MarketMapper(transcoder=self.construct_transcoder())
