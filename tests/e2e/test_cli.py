@@ -31,35 +31,54 @@ def cli_env(database_url: str, schema: str) -> dict[str, str]:
     }
 
 
-def test_the_demo_settles_a_lease_and_prints_a_balanced_trial_balance(cli_env, tmp_path) -> None:
+TRIAL_BALANCE = (
+    "trial balance AETH: debits 904.533333333333333322 = credits 904.533333333333333322"
+    "  (pending 0 = 0)  BALANCED"
+)
+
+
+def test_the_demo_runs_a_market_from_stake_to_slash_and_prints_balanced_books(
+    cli_env, tmp_path
+) -> None:
     run = aether("demo", env=cli_env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     out = run.stdout
-    assert "rejected: exceeds_credits" in out
-    assert "trial balance AETH: debits 1,600 = credits 1,600  (pending 0 = 0)  BALANCED" in out
-    assert "provider gpu-farm        provider_earnings                   0              285" in out
+    assert "an ask by an unregistered provider is refused: provider_not_found" in out
+    assert "-> lease with borealis at 2 AETH, 8 AETH in lease escrow" in out
+    assert "-> rests in the book (no ask at or below its price)" in out
+    assert "bob bids beyond his funds: refused (insufficient_funds), nothing recorded" in out
+    assert "downtime detected on alice's lease (no heartbeat for over 15 s): True" in out
     assert (
-        "retry the refused withdrawal, now that 700 AETH are free       rejected: exceeds_credits"
-        in out
+        "quorum failed for borealis-1 (2 of 3 checkers): slashed 66.666666666666666666 AETH" in out
     )
-    assert "alice: balance 700 AETH, available 700 AETH; log position 22" in out
+    assert "alice refunded 1 AETH out of the slash" in out
+    assert "marten, contradicted by the quorum, loses 1 AETH of its stake" in out
+    assert "  ask       2.5 AETH: 3\n  bid       2.4 AETH: 3\n" in out
+    assert "spread 0.1 AETH: the book does not cross" in out
+    assert TRIAL_BALANCE in out
 
 
-def test_running_the_demo_twice_moves_no_money_twice(cli_env, tmp_path) -> None:
+def test_running_the_demo_twice_records_nothing_twice(cli_env, tmp_path) -> None:
     first = aether("demo", env=cli_env, cwd=tmp_path)
     second = aether("demo", env=cli_env, cwd=tmp_path)
     assert first.returncode == second.returncode == 0, second.stderr
-    assert first.stdout == second.stdout  # same results, same balances, same log position
+    assert "this database has seen the demo before" in second.stdout
+    assert "486 of 486 commands were answered as retries; nothing was recorded twice" in (
+        second.stdout
+    )
+    tables = first.stdout[first.stdout.index("order book H100") :]
+    assert tables in second.stdout  # the same book, leases, reputation and balances
 
 
 def test_trial_balance_as_of_an_earlier_position_shows_the_ledger_as_it_stood(
     cli_env, tmp_path
 ) -> None:
     assert aether("demo", env=cli_env, cwd=tmp_path).returncode == 0
-    # Positions 1-7: six accounts and their batch record; 8: the deposit.
-    run = aether("trial-balance", "--as-of-position", "8", env=cli_env, cwd=tmp_path)
+    # Positions 1-4: the protocol's three accounts and their batch; 5-8: atlas's three
+    # accounts; 9-10: atlas bonds 400 AETH (the transfer and its batch).
+    run = aether("trial-balance", "--as-of-position", "10", env=cli_env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "debits 1,000 = credits 1,000" in run.stdout
+    assert "debits 400 = credits 400" in run.stdout
     assert "BALANCED" in run.stdout
 
 
@@ -75,7 +94,7 @@ def test_trial_balance_as_of_a_time_before_anything_happened_is_empty_and_balanc
     now = aether(
         "trial-balance", "--as-of-time", "2999-01-01T00:00:00+00:00", env=cli_env, cwd=tmp_path
     )
-    assert "debits 1,600 = credits 1,600" in now.stdout
+    assert TRIAL_BALANCE in now.stdout
 
 
 @pytest.mark.parametrize(
