@@ -4,7 +4,9 @@ A consumer pays into the protocol's contract on chain; once the deposit is confi
 chain side (chain_custody) credits the consumer's `consumer_available` account. The chain
 watcher (a later issue) produces these confirmations from contract events, keyed by
 (transaction hash, log index); here a deposit is named by its `deposit_id`, and confirming
-the same deposit again with the same fields is `ok` and records nothing new.
+the same deposit again with the same fields is `ok` and records nothing new. Deposits are
+told apart by `deposit_id` only: whoever confirms them must derive it from the chain event
+(transaction hash and log index), or one chain event under two ids is credited twice.
 
 Ledger mirror: `DepositConfirmed`: `amount` chain_custody -> consumer_available (deposit).
 """

@@ -65,7 +65,9 @@ Ids
 Each fact has an identity string (its kind and the ids or fields that name it); each leg
 gets ``uuid5(TRANSFER_ID_NAMESPACE, f"{identity}/{leg}")``. Facts named by ids
 (UnbondRequested/Completed: provider + unbond_id; OrderMatched, LeaseOpened, LeaseClosed:
-the lease) are unique by construction. Facts without an id of their own (StakeBonded,
+the lease; DepositConfirmed: the deposit; BidPlaced, BidRemainderRefunded: the bid;
+CheckerRegistered: the checker; CheckerPenalized: checker + node + window;
+ConsumerRefunded: lease + window) are unique by construction. Facts without an id of their own (StakeBonded,
 StakeSlashed, EscrowToppedUp, UsageCharged) are named by the caller's `key` (their event's
 stream and version): named by their fields, two equal facts would share ids and the second
 would be taken for a retry (the property test found exactly that: two equal bonds).

@@ -13,7 +13,8 @@ window cost at the lease's price::
     overlap_s = min(window_end, lease end) - max(window_start, opened_at)     (whole seconds)
     owed      = lease_cost(gpu_count, price_per_gpu_hour, overlap_s)          (rounded up)
 
-where lease end is closed_at for a closed lease, else ends_at. Leases are refunded in the
+where lease end is min(closed_at, ends_at) for a closed lease (a lease closed for expiry
+after its end stopped serving at ends_at), else ends_at. Leases are refunded in the
 order they opened (then by lease id), each in full while the slash lasts; the lease at
 which the slash runs out gets what is left; the others get nothing. What the refunds do not
 use stays in the insurance pool. A refund moves insurance_pool -> consumer_available
@@ -163,7 +164,8 @@ def checker_penalty(stake_registered: int, stake_left: int, rules: SlashingRules
     what is left of its stake."""
     require_int("stake_registered", stake_registered)
     require_int("stake_left", stake_left)
-    assert 0 <= stake_left <= stake_registered
+    if not 0 <= stake_left <= stake_registered:
+        raise ValueError(f"stake_left must be within 0..{stake_registered}, got {stake_left}")
     return min(stake_left, stake_registered * rules.checker_penalty_bps // BPS_MAX)
 
 
