@@ -52,6 +52,11 @@ class BalancesProjectionError(Exception):
     """The ledger's log holds something the balances view cannot apply (a bug upstream)."""
 
 
+class PageAlreadyTrackedError(IntegrityError):
+    """The view's tracked position is not the one the page was read after: another
+    projection of the view applied (some of) these events first. Nothing was written."""
+
+
 @dataclass(frozen=True, slots=True)
 class AccountBalance:
     """One row of the view; amounts are integers in the asset's smallest unit."""
@@ -163,22 +168,49 @@ class BalancesRecorder(PostgresTrackingRecorder):
         self._delete_holds = SQL("DELETE FROM {schema}.{holds} WHERE transfer_id = ANY(%s)").format(
             schema=schema, holds=holds
         )
+        self._lock_key = int.from_bytes(
+            hashlib.sha256(f"aether-view:{self.datastore.schema}.{VIEW_NAME}".encode()).digest()[:8],
+            "big",
+            signed=True,
+        )
+        self._lock_statement = SQL("SELECT pg_advisory_xact_lock(%s)")
         self._select_rows = SQL(
             "SELECT account_id, asset, code, flags, debits_pending, debits_posted, "
             "credits_pending, credits_posted, updated_position "
             "FROM {schema}.{balances} ORDER BY account_id"
         ).format(schema=schema, balances=balances)
 
-    def apply_page(self, events: Sequence[tuple[int, LedgerEvent]], tracking: Tracking) -> int:
+    def apply_page(
+        self,
+        events: Sequence[tuple[int, LedgerEvent]],
+        tracking: Tracking,
+        *,
+        after: int | None = None,
+    ) -> int:
         """Apply a page of the log (notification id, event) and record `tracking`, all in one
         transaction. Returns how many events were applied.
+
+        `after`: the position the page was read after. The page is refused
+        (`PageAlreadyTrackedError`, nothing written) unless the view's tracked position
+        still is that one: a second projection of the view that read an overlapping page
+        would otherwise pass the library's upsert (its tracking is after the stored one)
+        and apply the overlap twice. None (one event at a time) skips that check.
 
         Raises IntegrityError (and changes nothing) when `tracking` is not after the stored
         position: that page, or a later one, was already applied.
         """
         with self.datastore.transaction(commit=True) as curs:
-            # First: the upsert locks the tracking row, so a second projection of the same
-            # view waits here and is then refused; nothing below runs twice for a position.
+            if after is not None:
+                # A transaction-level advisory lock serialises the view's pages (it holds
+                # before the tracking row exists), then the position is checked.
+                curs.execute(self._lock_statement, (self._lock_key,), prepare=True)
+                tracked = self._max_tracking_id(tracking.application_name, curs) or 0
+                if tracked != after:
+                    raise PageAlreadyTrackedError(
+                        f"{VIEW_NAME}: page after {after} refused, the view is at {tracked}"
+                    )
+            # The upsert locks the tracking row and refuses a position not after the stored
+            # one; nothing below runs twice for a position.
             self._insert_tracking(curs, tracking)
             changes = self._changes(curs, events)
             self._write(curs, changes)
@@ -379,14 +411,15 @@ class BalancesProjection(Projection[BalancesRecorder]):
             events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
             page = [(i, e) for i, e in events if isinstance(e, LedgerEvent)]
             last = notifications[-1].id
-            try:
-                applied += self.view.apply_page(page, Tracking(self.app.name, last))
-            except IntegrityError:
-                # Refused: fine only if another projection of this view tracked this page
-                # first (read on from its position); else a real conflict, not to be retried.
-                if self.position() < last:
-                    raise
             pages += 1
+            try:
+                applied += self.view.apply_page(page, Tracking(self.app.name, last), after=start)
+            except IntegrityError:
+                # Refused: fine when another projection of this view moved its position on
+                # (read on from there); else a real conflict, not to be retried.
+                if self.position() <= start:
+                    raise
+                continue
             if len(notifications) < self.page_size:
                 break
         return applied

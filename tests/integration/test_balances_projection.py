@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,7 +15,7 @@ from ledger.model import AccountFlags, CreateTransferResult, NewAccount, NewTran
 from ledger.queries import read_events
 from ledger.store import LedgerApplication
 from ledger.writer import LedgerWriter
-from projections.balances import BalancesProjection
+from projections.balances import BalancesProjection, PageAlreadyTrackedError
 from tests.schemas import fresh_schema
 
 ASSET = "AETH"
@@ -262,3 +263,42 @@ def test_the_views_tracking_position_is_the_last_notification_id(
     assert last is not None
     assert projection.position() == last
     assert projection.view.max_tracking_id(ledger_app.name) == last
+
+
+def test_an_overlapping_page_read_by_a_second_projection_is_refused_not_applied_twice(
+    ledger_app: LedgerApplication,
+) -> None:
+    story = Story(ledger_app)
+    story.opens_and_funds()
+    story.pending_post_void_expire_reject()
+    ahead = BalancesProjection(ledger_app, page_size=3)
+    ahead.catch_up(pages_max=1)
+    behind_position = 0
+    # A second projection read the log from 0 and tracks a page beyond what `ahead` tracked:
+    # the library's upsert alone would take it and apply the first three events twice.
+    notifications = ledger_app.recorder.select_notifications(start=None, limit=6)
+    page = [(n.id, ledger_app.mapper.to_domain_event(n)) for n in notifications]
+    before = ahead.state_hash()
+    with pytest.raises(PageAlreadyTrackedError):
+        ahead.view.apply_page(
+            page, Tracking(ledger_app.name, notifications[-1].id), after=behind_position
+        )
+    assert ahead.state_hash() == before
+
+
+def test_projections_of_one_view_racing_in_threads_apply_every_event_once(
+    ledger_app: LedgerApplication, other_schema: str
+) -> None:
+    story = Story(ledger_app)
+    story.opens_and_funds()
+    story.pending_post_void_expire_reject()
+    story.more()
+    racers = [BalancesProjection(ledger_app, page_size=size) for size in (2, 3, 5)]
+    with ThreadPoolExecutor(len(racers)) as pool:
+        list(pool.map(lambda p: p.catch_up(), racers))
+    alone = BalancesProjection(ledger_app).rebuild_into(other_schema)
+    try:
+        assert racers[0].state_hash() == alone.state_hash()
+    finally:
+        alone.close()
+    assert_view_equals_writer(racers[0], story.writer)

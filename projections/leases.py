@@ -1,0 +1,238 @@
+"""Leases: one row per lease, kept from the marketplace log's lease facts.
+
+A row is the lease's state as `domain.lease.apply` gives it: a page loads the leases it
+touches, folds each fact into them with the domain's own applier (its assertions included)
+and writes back the rows that changed. So a row equals `domain.lease.replay(facts)` by
+construction (the tests compare them), plus who closed the lease (`LeaseClosed.closed_by`,
+not part of the domain's state).
+
+Table `market_leases` (schema of the view recorder): the parties (provider, consumer), the node,
+the order pair, GPU model and count, price, escrow held / charged / released and usage not
+covered (NUMERIC(78,0), Python ints), status (`LeaseStatus`), opened_at, ends_at,
+updated_at, alive_at, the liveness state (downtime_open, downtime_s, last heartbeat time and
+sequence), grace_ends_at while paused, and once closed: closed_at, close reason
+(`CloseReason`) and closed_by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+from uuid import UUID
+
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Composable, Identifier
+
+from domain import lease as lease_rules
+from domain.lease import (
+    CloseReason,
+    DowntimeDetected,
+    EscrowToppedUp,
+    HeartbeatRecorded,
+    Lease,
+    LeaseClosed,
+    LeaseOpened,
+    LeasePaused,
+    LeaseResumed,
+    LeaseStatus,
+    UsageCharged,
+)
+from projections.view import (
+    ROWS_LISTED_MAX,
+    MarketProjection,
+    MarketProjectionError,
+    MarketViewRecorder,
+    Page,
+    table,
+)
+
+VIEW_NAME = "market_leases"
+"""Name of the view: the prefix of its tracking table."""
+LEASES_TABLE_NAME = "market_leases"
+
+_LEASE_FIELDS = tuple(f.name for f in fields(Lease))
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """One lease: its domain state, who closed it, and the last position that changed it."""
+
+    lease: Lease
+    closed_by: UUID | None
+    """The consumer, the provider, or the service acting for the rules; None while open."""
+    updated_position: int
+
+
+class LeasesRecorder(MarketViewRecorder):
+    """The leases view's table and its tracking table; every write is tracked."""
+
+    view_name = VIEW_NAME
+    fact_types = (
+        LeaseOpened,
+        EscrowToppedUp,
+        HeartbeatRecorded,
+        DowntimeDetected,
+        UsageCharged,
+        LeasePaused,
+        LeaseResumed,
+        LeaseClosed,
+    )
+    tables = (
+        table(
+            LEASES_TABLE_NAME,
+            ("lease_id",),
+            indexes=(("provider_id",), ("consumer_id",), ("node_id",)),
+            lease_id="uuid NOT NULL",
+            ask_id="uuid NOT NULL",
+            bid_id="uuid NOT NULL",
+            provider_id="uuid NOT NULL",
+            node_id="uuid NOT NULL",
+            consumer_id="uuid NOT NULL",
+            gpu_model="text NOT NULL",
+            gpu_count="int NOT NULL",
+            price_per_gpu_hour="numeric(78,0) NOT NULL",
+            escrow_held="numeric(78,0) NOT NULL",
+            escrow_charged="numeric(78,0) NOT NULL",
+            escrow_released="numeric(78,0) NOT NULL",
+            usage_uncovered="numeric(78,0) NOT NULL",
+            status="smallint NOT NULL",
+            opened_at="timestamptz NOT NULL",
+            ends_at="timestamptz NOT NULL",
+            updated_at="timestamptz NOT NULL",
+            alive_at="timestamptz NOT NULL",
+            downtime_open="boolean NOT NULL",
+            downtime_s="bigint NOT NULL",
+            last_heartbeat_at="timestamptz",
+            heartbeat_sequence="bigint NOT NULL",
+            grace_ends_at="timestamptz",
+            close_reason="smallint",
+            closed_at="timestamptz",
+            closed_by="uuid",
+            updated_position="bigint NOT NULL",
+        ),
+    )
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _apply_page(self, curs: Cursor[DictRow], events: Page) -> None:
+        ids = sorted({e.fact.lease_id for _, e in events})
+        rows = {r.lease.id: r for r in self._rows(curs, SQL("lease_id = ANY(%s)"), (ids,))}
+        states: dict[UUID, Lease | None] = dict.fromkeys(ids)
+        closed_by: dict[UUID, UUID | None] = dict.fromkeys(ids)
+        for lease_id, row in rows.items():
+            states[lease_id] = row.lease
+            closed_by[lease_id] = row.closed_by
+        changed: dict[UUID, int] = {}
+        for position, event in events:
+            fact = event.fact
+            try:
+                states[fact.lease_id] = lease_rules.apply(states[fact.lease_id], fact)
+            except AssertionError as e:
+                raise MarketProjectionError(
+                    f"notification {position}: {type(fact).__name__} does not apply to lease "
+                    f"{fact.lease_id}: {e}"
+                ) from e
+            if isinstance(fact, LeaseClosed):
+                closed_by[fact.lease_id] = fact.closed_by
+            changed[fact.lease_id] = position
+        updates: list[dict[str, Any]] = []
+        for lease_id, position in changed.items():
+            state = states[lease_id]
+            assert state is not None
+            updates.append(_lease_row(state, closed_by[lease_id], position))
+        self.upsert(curs, LEASES_TABLE_NAME, updates)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def _rows(
+        self, curs: Cursor[DictRow], where: Composable, params: Sequence[Any]
+    ) -> list[LeaseRow]:
+        rows = self.select(
+            curs,
+            LEASES_TABLE_NAME,
+            where,
+            params,
+            order_by=("opened_at", "lease_id"),
+            limit=ROWS_LISTED_MAX,
+        )
+        return [_row_lease(r) for r in rows]
+
+    def lease(self, lease_id: UUID) -> LeaseRow | None:
+        with self.datastore.transaction() as curs:
+            rows = self._rows(curs, SQL("lease_id = %s"), (lease_id,))
+        return rows[0] if rows else None
+
+    def leases(
+        self,
+        *,
+        provider_id: UUID | None = None,
+        consumer_id: UUID | None = None,
+        node_id: UUID | None = None,
+        status: LeaseStatus | None = None,
+    ) -> list[LeaseRow]:
+        """Leases in the order they opened (then by id), filtered by party, node or status;
+        at most ROWS_LISTED_MAX."""
+        conditions: list[Composable] = [SQL("TRUE")]
+        params: list[Any] = []
+        for column, value in (
+            ("provider_id", provider_id),
+            ("consumer_id", consumer_id),
+            ("node_id", node_id),
+        ):
+            if value is not None:
+                conditions.append(SQL("{} = %s").format(Identifier(column)))
+                params.append(value)
+        if status is not None:
+            conditions.append(SQL("status = %s"))
+            params.append(int(status))
+        with self.datastore.transaction() as curs:
+            return self._rows(curs, SQL(" AND ").join(conditions), params)
+
+
+def _lease_row(lease: Lease, closed_by: UUID | None, position: int) -> dict[str, Any]:
+    row = {name: getattr(lease, name) for name in _LEASE_FIELDS}
+    row["lease_id"] = row.pop("id")
+    row["status"] = int(lease.status)
+    row["close_reason"] = None if lease.close_reason is None else int(lease.close_reason)
+    row["closed_by"] = closed_by
+    row["updated_position"] = position
+    return row
+
+
+def _row_lease(row: dict[str, Any]) -> LeaseRow:
+    values = {name: row[name] for name in _LEASE_FIELDS if name != "id"}
+    values["status"] = LeaseStatus(row["status"])
+    reason = row["close_reason"]
+    values["close_reason"] = None if reason is None else CloseReason(reason)
+    return LeaseRow(
+        lease=Lease(id=row["lease_id"], **values),
+        closed_by=row["closed_by"],
+        updated_position=row["updated_position"],
+    )
+
+
+class LeasesProjection(MarketProjection[LeasesRecorder]):
+    """Keeps the leases view up to date with the marketplace log, a page at a time."""
+
+    name = VIEW_NAME
+
+    @classmethod
+    def recorder_class(cls) -> type[LeasesRecorder]:
+        return LeasesRecorder
+
+    def lease(self, lease_id: UUID) -> LeaseRow | None:
+        return self.view.lease(lease_id)
+
+    def leases(
+        self,
+        *,
+        provider_id: UUID | None = None,
+        consumer_id: UUID | None = None,
+        node_id: UUID | None = None,
+        status: LeaseStatus | None = None,
+    ) -> list[LeaseRow]:
+        return self.view.leases(
+            provider_id=provider_id, consumer_id=consumer_id, node_id=node_id, status=status
+        )
