@@ -42,6 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     balances.set_defaults(run=_run_trial_balance)
 
+    project = commands.add_parser(
+        "project",
+        help="bring every read model (balances, order book, providers, leases, reputation) "
+        "up to date with the logs, exactly once",
+    )
+    project.add_argument(
+        "--follow", action="store_true", help="keep following the logs until interrupted"
+    )
+    project.set_defaults(run=_run_project)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -103,6 +113,25 @@ def _run_trial_balance(settings: Settings, args: argparse.Namespace) -> int:
             )
         balanced = print_accounts(state, names={})
     return 0 if balanced else 3
+
+
+def _run_project(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.bootstrap import open_market
+    from workers.projector import open_views
+
+    with open_market(settings) as market, open_views(market.ledger.app, market.app) as views:
+        if args.follow:
+            try:
+                views.follow()
+            except KeyboardInterrupt:
+                pass
+        applied = views.catch_up()
+        positions = views.positions()
+        hashes = views.state_hashes()
+        print(f"{'view':<12} {'applied':>8} {'position':>9}  state hash")
+        for name in applied:
+            print(f"{name:<12} {applied[name]:>8} {positions[name]:>9}  {hashes[name][:16]}")
+    return 0
 
 
 if __name__ == "__main__":

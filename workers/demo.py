@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from domain.codes import AccountCode
@@ -24,12 +25,13 @@ from domain.lease import DEMO_LEASE_RULES, CloseReason, Lease
 from domain.orderbook import Ask, Bid, escrow_required
 from domain.postings import account_id, protocol_account_id
 from domain.providers import Node
-from domain.verdicts import FailureKind, Verdict, reputation, window_containing, window_end_of
+from domain.verdicts import FailureKind, Verdict, window_containing, window_end_of
 from ledger.config import Settings
 from ledger.market import service as m
 from ledger.money import format_amount, units
 from workers.bootstrap import open_market
-from workers.report import print_accounts
+from workers.projector import Views, open_views
+from workers.report import lines_of_view, print_accounts
 
 DEMO_START = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 """Market time of the demo's first command (a verdict window starts here)."""
@@ -75,9 +77,9 @@ class _Demo:
     """Set when the first command was a retry: the demo ran on this database before, so the
     story's intermediate figures would show the final state; only the tables are printed."""
 
-    def send(self, name: str, make: Callable[[UUID], m.Command]) -> m.Handled:
-        """Send the command named `name` (its id is derived from the name)."""
-        handled = self.service.handle(make(_id(f"command:{name}")))
+    def send(self, name: str, kind: Callable[..., m.Command], *fields: Any) -> m.Handled:
+        """Send the command `kind(command_id, *fields)`, its id derived from `name`."""
+        handled = self.service.handle(kind(_id(f"command:{name}"), *fields))
         if self.sent == 0 and handled.retried:
             self.quiet = True
             print("this database has seen the demo before: every command is sent again, as a retry")
@@ -106,21 +108,19 @@ class _Demo:
                 self.sequences[lease_id] = sequence
                 self.send(
                     f"heartbeat:{lease_id}:{sequence}",
-                    lambda c, lease=lease, seq=sequence: m.RecordHeartbeat(
-                        c, lease.id, lease.node_id, seq, self.clock.now
-                    ),
+                    m.RecordHeartbeat,
+                    lease.id,
+                    lease.node_id,
+                    sequence,
+                    self.clock.now,
                 )
             elapsed_s = int((self.clock.now - DEMO_START).total_seconds())
             if elapsed_s % USAGE_STEP_S == 0:
                 for lease_id in charging:
                     lease = self._lease(lease_id)
                     amount = lease.gpu_count * lease.price_per_gpu_hour * USAGE_STEP_S // 3_600
-                    self.send(
-                        f"usage:{lease_id}:{stamp}",
-                        lambda c, lease=lease, amount=amount, stamp=stamp: m.ChargeUsage(
-                            c, lease.id, amount, f"usage:{lease.id}:{stamp}"
-                        ),
-                    )
+                    usage_ref = f"usage:{lease.id}:{stamp}"
+                    self.send(usage_ref, m.ChargeUsage, lease.id, amount, usage_ref)
             self.send(f"tick:{stamp}", m.Tick)
 
     def _lease(self, lease_id: UUID) -> Lease:
@@ -139,7 +139,9 @@ def run_demo(settings: Settings) -> int:
         )
         print(f"market time starts at {DEMO_START.isoformat()} (simulated)\n")
         demo = _Demo(market.service, clock)
-        balanced = _run(demo)
+        _run(demo)
+        with open_views(market.ledger.app, market.app) as views:
+            balanced = _print_views(views, demo.names, clock.now, rules)
         if demo.quiet:
             print(
                 f"\n{demo.retried} of {demo.sent} commands were answered as retries; "
@@ -148,7 +150,7 @@ def run_demo(settings: Settings) -> int:
         return 0 if balanced else 3
 
 
-def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
+def _run(demo: _Demo) -> None:
     service = demo.service
     rules = service.rules
     k = rules.stake.stake_per_gpu["H100"]
@@ -162,24 +164,15 @@ def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
     for name, node in fleet.items():
         pid = _id(f"provider:{name}")
         names[pid] = name
-        demo.send(
-            f"register:{name}",
-            lambda c, pid=pid, name=name, node=node: m.RegisterProvider(
-                c, pid, _address(name), (node,)
-            ),
-        )
+        demo.send(f"register:{name}", m.RegisterProvider, pid, _address(name), (node,))
         stake = node.gpu_count * k
-        demo.send(f"bond:{name}", lambda c, pid=pid, stake=stake: m.BondStake(c, pid, stake))
+        demo.send(f"bond:{name}", m.BondStake, pid, stake)
         demo.say(
             f"{name}: node {node.gpu_count} x {node.gpu_model} in {node.region}, bonded {_aeth(stake)}"
         )
     try:
-        demo.send(
-            "ask:unbonded",
-            lambda c: m.PlaceAsk(
-                c, _ask("ask:nobody", "nobody", fleet["atlas"], 4, units(1), demo.clock.now)
-            ),
-        )
+        stranger = _ask("ask:nobody", "nobody", fleet["atlas"], 4, units(1), demo.clock.now)
+        demo.send("ask:unbonded", m.PlaceAsk, stranger)
     except m.MarketError as e:
         demo.say(f"an ask by an unregistered provider is refused: {e.code}")
 
@@ -187,11 +180,9 @@ def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
     for name, amount in (("alice", units(100)), ("bob", units(60))):
         cid = _id(f"consumer:{name}")
         names[cid] = name
+        chain_ref = f"0x{_id(name).hex}{_id(name).hex}:0"
         demo.send(
-            f"deposit:{name}",
-            lambda c, cid=cid, amount=amount, name=name: m.ConfirmDeposit(
-                c, _id(f"deposit:{name}"), cid, amount, f"0x{_id(name).hex}{_id(name).hex}:0"
-            ),
+            f"deposit:{name}", m.ConfirmDeposit, _id(f"deposit:{name}"), cid, amount, chain_ref
         )
         demo.say(f"{name} deposits {_aeth(amount)}")
     asks = {
@@ -201,7 +192,7 @@ def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
         ),
     }
     for name, ask in asks.items():
-        demo.send(f"ask:{name}", lambda c, ask=ask: m.PlaceAsk(c, ask))
+        demo.send(f"ask:{name}", m.PlaceAsk, ask)
         demo.say(f"{name} asks {ask.gpu_count} x H100 at {_aeth(ask.price_per_gpu_hour)}/GPU-hour")
     bids = [
         ("bid:alice", "alice", 2, units(3), 2 * 3_600),
@@ -220,7 +211,7 @@ def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
             escrow_required(gpus, max_price, duration_s),
         )
         names[bid.id] = bid_name.replace(":", " ")
-        handled = demo.send(bid_name, lambda c, bid=bid: m.PlaceBid(c, bid))
+        handled = demo.send(bid_name, m.PlaceBid, bid)
         text = (
             f"{consumer} bids {gpus} x H100 for {duration_s // 3_600} h at most "
             f"{_aeth(max_price)}/GPU-hour, escrow {_aeth(bid.escrow)}"
@@ -241,17 +232,15 @@ def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
     try:
         demo.send(
             "bid:bob-broke",
-            lambda c: m.PlaceBid(
-                c,
-                Bid(
-                    _id("bid:bob-broke"),
-                    _id("consumer:bob"),
-                    "H100",
-                    4,
-                    units(3),
-                    3_600 * 10,
-                    units(120),
-                ),
+            m.PlaceBid,
+            Bid(
+                _id("bid:bob-broke"),
+                _id("consumer:bob"),
+                "H100",
+                4,
+                units(3),
+                3_600 * 10,
+                units(120),
             ),
         )
     except m.MarketError as e:
@@ -276,12 +265,8 @@ def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
     for name in checkers:
         cid = _id(f"checker:{name}")
         names[cid] = f"checker {name}"
-        demo.send(
-            f"checker:{name}",
-            lambda c, cid=cid, name=name: m.RegisterChecker(
-                c, cid, _address(name), rules.verdicts.checker_stake_min
-            ),
-        )
+        stake_min = rules.verdicts.checker_stake_min
+        demo.send(f"checker:{name}", m.RegisterChecker, cid, _address(name), stake_min)
     window = window_containing(DEMO_START, rules.verdicts)
     window_end = window_end_of(window, rules.verdicts)
     demo.advance(int((window_end - demo.clock.now).total_seconds()), beating=[bob], charging=[bob])
@@ -309,7 +294,7 @@ def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
             FailureKind.none if passed else FailureKind.downtime,
             (_id(f"evidence:{checker}:{provider}").hex * 2),
         )
-        demo.send(f"verdict:{checker}:{provider}", lambda c, v=verdict: m.SubmitVerdict(c, v))
+        demo.send(f"verdict:{checker}:{provider}", m.SubmitVerdict, verdict)
         demo.say(f"{checker} on {provider}-1: {'pass' if passed else 'FAIL (downtime)'}")
     demo.advance(rules.verdicts.verdict_grace_s, beating=[bob], charging=[bob])
     borealis = service.stake_of(_id("provider:borealis"))
@@ -328,17 +313,8 @@ def _run(demo: _Demo) -> bool:  # noqa: PLR0915 (a script, read top to bottom)
     demo.say(f"marten, contradicted by the quorum, loses {_aeth(penalized)} of its stake")
 
     demo.heading("\nalice ends her lease; the unused escrow returns to her")
-    demo.send(
-        "close:alice", lambda c: m.CloseLease(c, alice, CloseReason.consumer, _id("consumer:alice"))
-    )
+    demo.send("close:alice", m.CloseLease, alice, CloseReason.consumer, _id("consumer:alice"))
     demo.say(f"alice's lease closed, {_aeth(demo._lease(alice).escrow_released)} released")
-
-    _print_book(service)
-    _print_leases(service, names)
-    _print_reputation(service, names, demo.clock.now)
-    print()
-    accounts = _account_names(names)
-    return print_accounts(service.writer.state, accounts)
 
 
 def _ask(name: str, provider: str, node: Node, gpus: int, price: int, now: datetime) -> Ask:
@@ -353,53 +329,61 @@ def _ask(name: str, provider: str, node: Node, gpus: int, price: int, now: datet
     )
 
 
-def _print_book(service: m.Marketplace) -> None:
-    book = service.book("H100")
-    print("\norder book H100 (price per GPU-hour: GPUs resting)")
-    for level in book.ask_depth():
-        print(f"  ask {_aeth(level.price_per_gpu_hour):>14}: {level.gpu_count}")
-    for level in book.bid_depth():
-        print(f"  bid {_aeth(level.price_per_gpu_hour):>14}: {level.gpu_count}")
-    best_bid, best_ask = book.best_bid(), book.best_ask()
-    if best_bid is not None and best_ask is not None:
-        print(f"  spread {_aeth(best_ask - best_bid)}: the book does not cross")
+def _print_views(views: Views, names: dict[UUID, str], now: datetime, rules: m.MarketRules) -> bool:
+    """Print the read models (projections of the logs, each exactly-once and tracked)."""
+    applied = views.catch_up()
+    positions = views.positions()
+    print(
+        "\nread models, projected from the logs: "
+        + ", ".join(f"{name} at {positions[name]}" for name in applied)
+    )
+    for model in views.orderbook.models():
+        depth = views.orderbook.depth(model)
+        print(f"\norder book {model} (price per GPU-hour: GPUs resting)")
+        for level in depth.asks:
+            print(f"  ask {_aeth(level.price_per_gpu_hour):>14}: {level.gpu_count}")
+        for level in depth.bids:
+            print(f"  bid {_aeth(level.price_per_gpu_hour):>14}: {level.gpu_count}")
+        best_bid, best_ask = views.orderbook.best_bid(model), views.orderbook.best_ask(model)
+        if best_bid is not None and best_ask is not None:
+            print(f"  spread {_aeth(best_ask - best_bid)}: the book does not cross")
 
-
-def _print_leases(service: m.Marketplace, names: dict[UUID, str]) -> None:
     print("\nleases")
     print(
-        f"  {'lease':<24} {'status':<8} {'GPUs':>4} {'held':>10} {'charged':>12} {'released':>12} {'downtime':>9}"
+        f"  {'lease':<24} {'status':<8} {'GPUs':>4} {'held':>10} {'charged':>22} "
+        f"{'released':>22} {'downtime':>9}"
     )
-    for lease in sorted(service.state.leases.values(), key=lambda x: (x.opened_at, str(x.id))):
+    for row in sorted(views.leases.leases(), key=lambda r: (r.lease.opened_at, str(r.lease.id))):
+        lease = row.lease
         print(
             f"  {names.get(lease.id, str(lease.id)[:8]):<24} {lease.status.name:<8} "
             f"{lease.gpu_count:>4} {format_amount(lease.escrow_held):>10} "
-            f"{format_amount(lease.escrow_charged):>12} {format_amount(lease.escrow_released):>12} "
+            f"{format_amount(lease.escrow_charged):>22} {format_amount(lease.escrow_released):>22} "
             f"{lease.downtime_s:>7} s"
         )
 
-
-def _print_reputation(service: m.Marketplace, names: dict[UUID, str], now: datetime) -> None:
-    from domain.verdicts import ProviderHistory
+    print("\nproviders")
+    for provider in views.providers.providers():
+        stake = views.providers.stake_state(provider.provider_id)
+        assert stake is not None
+        print(
+            f"  {names.get(provider.provider_id, str(provider.provider_id)[:8]):<10} bonded "
+            f"{_aeth(stake.bonded):>26}, slashed {_aeth(stake.slashed)}"
+        )
 
     print(
-        "\nreputation (basis points; 40% uptime, 30% windows passed, 20% latency, 10% age, minus slashes)"
+        "\nreputation in basis points (40% uptime, 30% windows passed, 20% latency, 10% age, "
+        "minus 25% per slash)"
     )
-    for pid, provider in sorted(
-        service.state.providers.items(), key=lambda kv: names.get(kv[0], "")
-    ):
-        history = ProviderHistory(
-            provider_id=pid,
-            registered_at=provider.registered_at,
-            decisions=service.state.verdicts.provider_decisions(pid),
-            slashes=tuple(f for f in _slashes(service, pid)),
+    for score in views.reputation.reputations(now, rules.verdicts).values():
+        print(
+            f"  {names.get(score.provider_id, str(score.provider_id)[:8]):<10} "
+            f"{score.score_bps:>6}  (windows {score.windows_passed_count}/"
+            f"{score.windows_decided_count} passed, uptime {score.uptime_ppm_mean / 10_000:.1f}%, "
+            f"p99 {score.latency_ms_p99_mean} ms, slashes {score.slashes_count})"
         )
-        score = reputation(history, now, service.rules.verdicts)
-        print(f"  {names.get(pid, str(pid)):<10} {score.score_bps:>6}")
-
-
-def _slashes(service: m.Marketplace, provider_id: UUID) -> tuple[object, ...]:
-    return ()
+    print()
+    return print_accounts(lines_of_view(views.balances.rows()), _account_names(names))
 
 
 def _account_names(names: dict[UUID, str]) -> dict[UUID, str]:
@@ -410,5 +394,5 @@ def _account_names(names: dict[UUID, str]) -> dict[UUID, str]:
     }
     for owner, name in names.items():
         for code in AccountCode:
-            out[account_id(code, owner)] = f"{name}"
+            out[account_id(code, owner)] = name
     return out
