@@ -129,3 +129,16 @@ def test_an_unreachable_database_is_reported_without_a_traceback(tmp_path) -> No
     assert run.returncode == 1
     assert "cannot reach PostgreSQL" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_project_brings_every_view_up_to_date_once(cli_env, tmp_path) -> None:
+    first = aether("project", env=cli_env, cwd=tmp_path)  # an empty market: the protocol's accounts
+    assert first.returncode == 0, first.stderr
+    assert aether("demo", env=cli_env, cwd=tmp_path).returncode == 0
+    run = aether("project", env=cli_env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines()[1:]}
+    assert set(lines) == {"balances", "orderbook", "providers", "leases", "reputation"}
+    # The demo caught the views up itself: nothing is applied twice.
+    assert all(values[0] == "0" for values in lines.values())
+    assert lines["orderbook"][1] == lines["leases"][1] == lines["reputation"][1] != "0"
