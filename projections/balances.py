@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import IntegrityError, Notification, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresFactory, PostgresTrackingRecorder
 from eventsourcing.projection import Projection
 from eventsourcing.utils import Environment
@@ -35,6 +35,7 @@ from psycopg.sql import SQL, Identifier
 from ledger.events import AccountOpened, LedgerEvent, PendingTransferExpired, TransferCreated
 from ledger.model import TransferFlags
 from ledger.store import LedgerApplication
+from projections.view import catch_up_pages
 
 VIEW_NAME = "account_balances"
 """Name of the view: its table, and the prefix of its tracking table."""
@@ -169,7 +170,9 @@ class BalancesRecorder(PostgresTrackingRecorder):
             schema=schema, holds=holds
         )
         self._lock_key = int.from_bytes(
-            hashlib.sha256(f"aether-view:{self.datastore.schema}.{VIEW_NAME}".encode()).digest()[:8],
+            hashlib.sha256(f"aether-view:{self.datastore.schema}.{VIEW_NAME}".encode()).digest()[
+                :8
+            ],
             "big",
             signed=True,
         )
@@ -399,30 +402,15 @@ class BalancesProjection(Projection[BalancesRecorder]):
     def catch_up(self, *, pages_max: int | None = None) -> int:
         """Apply the log's events after `position()`, a page per transaction, until the log's
         end (or `pages_max` pages). Returns how many events were applied."""
-        applied = 0
-        pages = 0
-        while pages_max is None or pages < pages_max:
-            start = self.position()
-            notifications = self.app.recorder.select_notifications(
-                start=start, limit=self.page_size, inclusive_of_start=False
-            )
-            if not notifications:
-                break
+
+        def apply(notifications: Sequence[Notification], tracking: Tracking, after: int) -> int:
             events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
             page = [(i, e) for i, e in events if isinstance(e, LedgerEvent)]
-            last = notifications[-1].id
-            pages += 1
-            try:
-                applied += self.view.apply_page(page, Tracking(self.app.name, last), after=start)
-            except IntegrityError:
-                # Refused: fine when another projection of this view moved its position on
-                # (read on from there); else a real conflict, not to be retried.
-                if self.position() <= start:
-                    raise
-                continue
-            if len(notifications) < self.page_size:
-                break
-        return applied
+            return self.view.apply_page(page, tracking, after=after)
+
+        return catch_up_pages(
+            self.app.recorder, self.app.name, self.position, self.page_size, pages_max, apply
+        )
 
     def rows(self) -> list[AccountBalance]:
         return self.view.rows()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import IntegrityError, Notification, Tracking
+from eventsourcing.persistence import ApplicationRecorder, IntegrityError, Notification, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresFactory, PostgresTrackingRecorder
 from eventsourcing.projection import Projection
 from eventsourcing.utils import Environment, get_topic
@@ -360,6 +360,42 @@ def construct_view(
 # -- the projection ---------------------------------------------------------------------------
 
 
+def catch_up_pages(
+    log: ApplicationRecorder,
+    application_name: str,
+    position: Callable[[], int],
+    page_size: int,
+    pages_max: int | None,
+    apply: Callable[[Sequence[Notification], Tracking, int], int],
+) -> int:
+    """The catch-up loop every view shares: read a page of `log` after the view's
+    `position()`, hand it to `apply(notifications, tracking, after)` (one transaction with
+    its tracking), again until the log's end or `pages_max` pages. A page refused because
+    another projection of the view moved its position on is skipped (reading on from
+    there); any other refusal is raised. Returns what `apply` reported, summed."""
+    applied = 0
+    pages = 0
+    while pages_max is None or pages < pages_max:
+        start = position()
+        notifications = log.select_notifications(
+            start=start, limit=page_size, inclusive_of_start=False
+        )
+        if not notifications:
+            break
+        pages += 1
+        try:
+            applied += apply(notifications, Tracking(application_name, notifications[-1].id), start)
+        except IntegrityError:
+            # Refused: fine when another projection of this view moved its position on
+            # (read on from there); else a real conflict, not to be retried.
+            if position() <= start:
+                raise
+            continue
+        if len(notifications) < page_size:
+            break
+    return applied
+
+
 class MarketProjection(Projection[TView], ABC):
     """Keeps a view up to date with the marketplace log, a page per transaction."""
 
@@ -401,29 +437,19 @@ class MarketProjection(Projection[TView], ABC):
         """Apply the log's events after `position()`, a page per transaction, until the log's
         end (or `pages_max` pages). Returns how many events of the view's facts were applied
         (by this call; pages another projection of the view applied first do not count)."""
-        applied = 0
-        pages = 0
-        while pages_max is None or pages < pages_max:
-            start = self.position()
-            notifications = self.app.recorder.select_notifications(
-                start=start, limit=self.page_size, inclusive_of_start=False
-            )
-            if not notifications:
-                break
-            pages += 1
+
+        def apply(notifications: Sequence[Notification], tracking: Tracking, after: int) -> int:
             page = [(n.id, self._decode(n)) for n in notifications if n.topic in self._topics]
-            tracking = Tracking(self.app.name, notifications[-1].id)
-            try:
-                applied += self.view.apply_page(page, tracking, after=start)
-            except IntegrityError:
-                # Refused: fine when another projection of this view moved its position on
-                # (read on from there); else a real conflict, not to be retried.
-                if self.position() <= start:
-                    raise
-                continue
-            if len(notifications) < self.page_size:
-                break
-        return applied
+            return self.view.apply_page(page, tracking, after=after)
+
+        return catch_up_pages(
+            self.app.recorder,
+            self.app.name,
+            self.position,
+            self.page_size,
+            pages_max,
+            apply,
+        )
 
     def _decode(self, notification: Notification) -> MarketEvent:
         event = self.app.market_mapper.to_domain_event(notification)
