@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -121,10 +122,8 @@ def _run_project(settings: Settings, args: argparse.Namespace) -> int:
 
     with open_market(settings) as market, open_views(market.ledger.app, market.app) as views:
         if args.follow:
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 views.follow()
-            except KeyboardInterrupt:
-                pass
         applied = views.catch_up()
         positions = views.positions()
         hashes = views.state_hashes()
