@@ -45,7 +45,6 @@ class Settings(BaseSettings):
             raise ValueError(f"DATABASE_URL is not a valid libpq URL: {e}") from e
         return value
 
-
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _check_bootstrap(cls, value: str | None) -> str | None:
