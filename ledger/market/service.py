@@ -28,16 +28,19 @@ contradictions); a command (`CommandHandled`).
 
 Concurrency: one service per ledger shard writes; commands are handled one at a time (a
 lock). A second process appending to the same streams is detected by the events table's
-unique (stream, version) key: the writer then fails the command (nothing written) and this
-service reloads the log before the next one.
+unique (stream, version) key: the command fails with `ConcurrentUpdateError` (nothing
+written, safe to retry) and this service reloads the log.
 
 Ticks (`Tick`): time-driven rules run when the clock is advanced by a tick: asks expire,
 overdue heartbeats become downtime, leases whose time or escrow grace ran out close, and
 node-windows whose verdict grace ended are decided; a failed window slashes the provider,
 refunds the affected consumers out of the slash, penalises the contradicted checkers and,
 for fraud or under-spec, closes the node's leases (sla_breach). See `domain.slashing`.
-Unbonding cannot escape a slash: `CompleteUnbond` is refused while a window of the
-provider's nodes holds verdicts and is not decided yet.
+Unbonding cannot escape a slash: an unbonding entry answers for offences committed before
+its waiting period ends, so `CompleteUnbond` is refused until the verdict window containing
+the entry's `available_at` is past its grace (no verdict for it or any earlier window can
+still arrive) and while a window of the provider's nodes holds verdicts and is not decided
+yet (tick first).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any
 from uuid import UUID, uuid5
@@ -71,6 +74,7 @@ from domain.providers import Node, Provider
 from domain.slashing import SlashingRules
 from domain.stake import ProviderStake, StakeRules
 from domain.verdicts import VerdictRules, VerdictState
+from ledger.errors import WriterStateError
 from ledger.market.codec import encode
 from ledger.market.store import CommandHandled, MarketEvent, MarketplaceApplication
 from ledger.model import CreateTransferResult, NewAccount, NewTransfer, TransferOutcome
@@ -186,6 +190,13 @@ class NotPermittedError(MarketError):
 
 class UnbondBlockedError(MarketError):
     code = "unbond_blocked_by_undecided_window"
+
+
+class ConcurrentUpdateError(MarketError):
+    """Another process appended to the same streams first; nothing of this command was
+    written and the service has reloaded the log: retry the command."""
+
+    code = "concurrent_update"
 
 
 class RuleRefusedError(MarketError):
@@ -685,8 +696,17 @@ class Marketplace:
                 events=stored,
                 events_recorder=self.app.app_recorder,
             )
+        except WriterStateError as e:
+            # Another process appended to our streams first (the events table's unique
+            # (stream, version) key refused ours): nothing was written; read the log again.
+            self.state = MarketState()
+            self._catch_up()
+            raise ConcurrentUpdateError(
+                f"command {work.command_id}: another process changed the same aggregates "
+                "first; nothing was written, retry the command"
+            ) from e
         except Exception:
-            # Another process may have appended to our streams: read the log again.
+            # Whatever failed, read the log again before the next command.
             self.state = MarketState()
             self._catch_up()
             raise
@@ -800,6 +820,7 @@ class Marketplace:
                     f"{node_id} holds verdicts and is not decided yet (a slash for it may "
                     "still take unbonding stake); tick after its grace, then complete"
                 )
+            self._check_unbond_final(work, c.provider_id)
             result, facts = stake.complete_unbond(work.staged.stake_of(c.provider_id), work.now)
             _require_ok(result, f"unbond of {c.provider_id} not completed")
             for f in facts:
@@ -876,6 +897,25 @@ class Marketplace:
             self._tick(work)
         else:
             raise TypeError(f"not a marketplace command: {type(c).__name__}")
+
+    def _check_unbond_final(self, work: _Work, provider_id: UUID) -> None:
+        """An unbonding entry answers for offences committed before its waiting period ends
+        (`available_at`). It is paid out only once the window containing `available_at`
+        (and so every window before it) can no longer take verdicts: its grace is over."""
+        rules = self.rules.verdicts
+        grace = timedelta(seconds=rules.verdict_grace_s)
+        for entry in work.staged.stake_of(provider_id).unbonding:
+            if entry.available_at > work.now:
+                continue
+            window = verdicts.window_containing(entry.available_at, rules)
+            final_at = verdicts.window_end_of(window, rules) + grace
+            if work.now < final_at:
+                raise UnbondBlockedError(
+                    f"provider {provider_id}: unbond {entry.unbond_id} ended its waiting "
+                    f"period at {entry.available_at.isoformat()}, inside the verdict window "
+                    f"{window.isoformat()}, which takes verdicts until {final_at.isoformat()} "
+                    "(a slash for it may still take this stake); complete after that"
+                )
 
     def _provider(self, work: _Work, provider_id: UUID) -> Provider:
         provider = work.staged.providers.get(provider_id)

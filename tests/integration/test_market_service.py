@@ -385,7 +385,7 @@ def test_a_conflicting_append_fails_the_command_with_nothing_written(market):
     market.app.app_recorder.insert_events([intruder])
     before = counts(market)
     market.service.state.position = 10**9  # pretend we had not seen it
-    with pytest.raises(Exception, match="already stored"):
+    with pytest.raises(m.ConcurrentUpdateError, match="retry the command"):
         market.send(m.ListNode(uuid4(), uid("p1"), market.node("n2")))
     assert counts(market) == before
     # The service reloaded the log: it now knows the node was delisted.

@@ -1,0 +1,324 @@
+"""The usage event store: recorded usage reports, and the ingest's consumed offsets.
+
+Usage events live in the table `usage_events`, beside `ledger_events` and
+`marketplace_events` in the same database and on the same connection pool (the ledger's
+datastore). The table is append-only (the ledger's triggers, `ledger.store.
+AppendOnlyRecorder`) and its notification log is gap-free and commit-ordered.
+
+An event records one `domain.usage.UsageRecorded` fact in the stream of its lease, at
+originator_version = the report's sequence: the table's unique (stream, version) key
+refuses a sequence recorded twice, whatever ingest's memory says. Its stored state is the
+fact as plain JSON (`ledger.market.codec`), plus ``"class_version"`` when the class declares
+one above 1; its topic is ``domain.usage:UsageRecorded``.
+
+Consumed offsets (exactly-once ingest). The table `ingest_offsets` holds, per consumer group,
+topic and partition, the offset of the next message to read. `UsageRecorder.record` writes
+the events of a batch and the batch's offsets in ONE transaction (through the library's
+`_insert_events` hook, which the COPY path calls inside the transaction), so after any crash
+the stored offsets say exactly which messages are in the store. An offset only moves forward
+from the value the writer last saw (compare and set): a consumer that lost its partitions in
+a rebalance and still commits (a zombie) is refused with `UsageConflictError`, as is a batch
+whose events another consumer already stored; the refused transaction writes nothing.
+Offsets are a tracking table, not events: their rows are updated in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+from uuid import UUID
+
+import orjson
+from eventsourcing.application import Application
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    Mapper,
+    OperationalError,
+    StoredEvent,
+)
+from eventsourcing.postgres import PostgresDatastore
+from eventsourcing.utils import get_topic, retry
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+
+from domain.usage import LastUsage, UsageRecorded
+from ledger.errors import LedgerError
+from ledger.limits import CATCH_UP_PAGE_SIZE
+from ledger.market.codec import CodecError, decode, encode
+from ledger.store import AppendOnlyRecorder
+
+USAGE_APPLICATION_NAME = "usage"
+USAGE_EVENTS_TABLE_NAME = "usage_events"
+INGEST_OFFSETS_TABLE_NAME = "ingest_offsets"
+USAGE_TOPIC = get_topic(UsageRecorded)
+LEASES_PER_READ_MAX = 10_000
+"""Most leases whose last usage one query reads."""
+
+TopicPartitionKey = tuple[str, int]
+"""(topic, partition)."""
+
+
+class UsageConflictError(LedgerError):
+    """Another consumer stored these offsets or these events first; nothing was written.
+    Read the stored offsets again and go on from there."""
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetAdvance:
+    """Move one partition's stored offset from `expected` to `next_offset`."""
+
+    topic: str
+    partition: int
+    expected: int | None
+    """The stored next offset this writer last saw; None when none is stored yet."""
+    next_offset: int
+    """The offset of the next message to read (the batch's last offset + 1)."""
+
+    def __post_init__(self) -> None:
+        assert self.partition >= 0 and self.next_offset >= 0, self
+        assert self.expected is None or self.expected <= self.next_offset, self
+
+
+class UsageMapper(Mapper[UUID]):
+    """Maps `UsageRecorded` facts to stored events as plain JSON (see the module docstring)."""
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        if not isinstance(domain_event, UsageRecorded):
+            return super().to_stored_event(domain_event)
+        return self.fact_to_stored_event(domain_event)
+
+    def fact_to_stored_event(self, fact: UsageRecorded) -> StoredEvent:
+        return StoredEvent(
+            originator_id=fact.lease_id,
+            originator_version=fact.sequence,
+            topic=USAGE_TOPIC,
+            state=orjson.dumps(encode(fact)),
+        )
+
+    def to_domain_event(self, stored_event: StoredEvent) -> Any:
+        if stored_event.topic != USAGE_TOPIC:
+            raise CodecError(f"not a usage event topic: {stored_event.topic!r}")
+        return usage_of_state(stored_event.state)
+
+
+def usage_of_state(state: bytes) -> UsageRecorded:
+    fact = decode(UsageRecorded, orjson.loads(state))
+    assert isinstance(fact, UsageRecorded)
+    return fact
+
+
+class UsageRecorder(AppendOnlyRecorder):
+    """The append-only `usage_events` table plus the `ingest_offsets` tracking table."""
+
+    def __init__(
+        self,
+        datastore: PostgresDatastore,
+        *,
+        events_table_name: str = USAGE_EVENTS_TABLE_NAME,
+        offsets_table_name: str = INGEST_OFFSETS_TABLE_NAME,
+    ) -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        self.offsets_table_name = offsets_table_name
+        schema = Identifier(datastore.schema)
+        events = Identifier(events_table_name)
+        offsets = Identifier(offsets_table_name)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{offsets} ("
+                "group_id text NOT NULL, "
+                "topic text NOT NULL, "
+                "partition integer NOT NULL CHECK (partition >= 0), "
+                "next_offset bigint NOT NULL CHECK (next_offset >= 0), "
+                "PRIMARY KEY (group_id, topic, partition))"
+            ).format(schema=schema, offsets=offsets)
+        )
+        self._advance_statement = SQL(
+            "INSERT INTO {schema}.{offsets} AS o (group_id, topic, partition, next_offset) "
+            "VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (group_id, topic, partition) DO UPDATE "
+            "SET next_offset = EXCLUDED.next_offset WHERE o.next_offset = %s"
+        ).format(schema=schema, offsets=offsets)
+        self._select_offsets_statement = SQL(
+            "SELECT topic, partition, next_offset FROM {schema}.{offsets} "
+            "WHERE group_id = %s AND topic = ANY(%s)"
+        ).format(schema=schema, offsets=offsets)
+        self._last_usage_statement = SQL(
+            "SELECT DISTINCT ON (originator_id) originator_id, state FROM {schema}.{events} "
+            "WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version DESC"
+        ).format(schema=schema, events=events)
+        self._stream_statement = SQL(
+            "SELECT state FROM {schema}.{events} WHERE originator_id = %s "
+            "ORDER BY originator_version"
+        ).format(schema=schema, events=events)
+
+    # -- writes --------------------------------------------------------------------------
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def record(
+        self, stored_events: Sequence[StoredEvent], group_id: str, offsets: Sequence[OffsetAdvance]
+    ) -> Sequence[int]:
+        """Append the events and advance the group's offsets in one transaction; returns the
+        events' notification ids. `UsageConflictError` (nothing written) when an offset is
+        not where `expected` says or an event's (lease, sequence) is already stored."""
+        if not stored_events and not offsets:
+            return []
+        try:
+            with (
+                self.datastore.get_connection() as conn,
+                conn.transaction(),
+                conn.cursor() as curs,
+            ):
+                if stored_events:
+                    return self._copy_events(
+                        curs, stored_events, group_id=group_id, offsets=offsets
+                    )
+                self._advance_offsets(curs, group_id, offsets)
+                return []
+        except IntegrityError as e:
+            raise UsageConflictError(
+                f"group {group_id}: a usage report of this batch is already stored ({e})"
+            ) from e
+
+    def _insert_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        """The library's hook inside the events' transaction: advance the offsets first."""
+        offsets: Sequence[OffsetAdvance] = kwargs.get("offsets", ())
+        if offsets:
+            self._advance_offsets(curs, cast(str, kwargs["group_id"]), offsets)
+        super()._insert_events(curs, stored_events, **kwargs)
+
+    def _advance_offsets(
+        self, curs: Cursor[DictRow], group_id: str, offsets: Sequence[OffsetAdvance]
+    ) -> None:
+        # Sorted, so two writers lock the same rows in the same order (no deadlock).
+        for advance in sorted(offsets, key=lambda a: (a.topic, a.partition)):
+            curs.execute(
+                self._advance_statement,
+                (
+                    group_id,
+                    advance.topic,
+                    advance.partition,
+                    advance.next_offset,
+                    advance.expected,
+                ),
+                prepare=True,
+            )
+            if curs.rowcount != 1:
+                raise UsageConflictError(
+                    f"group {group_id}: {advance.topic}[{advance.partition}] is no longer at "
+                    f"offset {advance.expected}: another consumer moved it"
+                )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def stored_offsets(
+        self, group_id: str, partitions: Iterable[TopicPartitionKey]
+    ) -> dict[TopicPartitionKey, int]:
+        """The next offset to read of each of `partitions` that has one stored."""
+        wanted = set(partitions)
+        if not wanted:
+            return {}
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                self._select_offsets_statement,
+                (group_id, sorted({topic for topic, _ in wanted})),
+                prepare=True,
+            )
+            rows = curs.fetchall()
+        found = {(str(r["topic"]), int(r["partition"])): int(r["next_offset"]) for r in rows}
+        return {tp: offset for tp, offset in found.items() if tp in wanted}
+
+    def last_usages(self, lease_ids: Iterable[UUID]) -> dict[UUID, LastUsage]:
+        """The last recorded report of each lease that has one."""
+        ids = sorted(set(lease_ids))
+        found: dict[UUID, LastUsage] = {}
+        for start in range(0, len(ids), LEASES_PER_READ_MAX):
+            chunk = ids[start : start + LEASES_PER_READ_MAX]
+            with self.datastore.transaction(commit=False) as curs:
+                curs.execute(self._last_usage_statement, (chunk,), prepare=True)
+                rows = curs.fetchall()
+            for row in rows:
+                fact = usage_of_state(bytes(row["state"]))
+                found[fact.lease_id] = LastUsage.of(fact)
+        return found
+
+    def usage_of_lease(self, lease_id: UUID) -> list[UsageRecorded]:
+        """Every recorded report of a lease, by sequence."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(self._stream_statement, (lease_id,), prepare=True)
+            return [usage_of_state(bytes(row["state"])) for row in curs.fetchall()]
+
+
+class UsageApplication(Application[UUID]):
+    """Recorded usage: table `usage_events` (and `ingest_offsets`), on a given datastore
+    (the ledger's, beside the marketplace's events)."""
+
+    name = USAGE_APPLICATION_NAME
+
+    def __init__(self, datastore: PostgresDatastore, env: Mapping[str, str] | None = None) -> None:
+        """`datastore`: the ledger's (its pool and schema). The library's persistence
+        factory is only asked for the transcoder, so it is the in-memory one."""
+        self._datastore = datastore
+        super().__init__(env={**(env or {}), "PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+    def construct_mapper(self) -> UsageMapper:
+        return UsageMapper(transcoder=self.construct_transcoder())
+
+    def construct_recorder(self) -> UsageRecorder:
+        recorder = UsageRecorder(self._datastore)
+        recorder.create_table()
+        return recorder
+
+    @property
+    def usage_mapper(self) -> UsageMapper:
+        assert isinstance(self.mapper, UsageMapper)
+        return self.mapper
+
+    @property
+    def usage_recorder(self) -> UsageRecorder:
+        assert isinstance(self.recorder, UsageRecorder)
+        return self.recorder
+
+    def record(
+        self, facts: Sequence[UsageRecorded], group_id: str, offsets: Sequence[OffsetAdvance]
+    ) -> Sequence[int]:
+        """Store the facts and advance the offsets in one transaction (see `UsageRecorder.
+        record`)."""
+        mapper = self.usage_mapper
+        stored = [mapper.fact_to_stored_event(f) for f in facts]
+        ids: Sequence[int] = self.usage_recorder.record(stored, group_id, offsets)
+        return ids
+
+    def stored_offsets(
+        self, group_id: str, partitions: Iterable[TopicPartitionKey]
+    ) -> dict[TopicPartitionKey, int]:
+        return self.usage_recorder.stored_offsets(group_id, partitions)
+
+    def last_usage(self, lease_id: UUID) -> LastUsage | None:
+        return self.usage_recorder.last_usages([lease_id]).get(lease_id)
+
+    def last_usages(self, lease_ids: Iterable[UUID]) -> dict[UUID, LastUsage]:
+        return self.usage_recorder.last_usages(lease_ids)
+
+    def usage_of_lease(self, lease_id: UUID) -> list[UsageRecorded]:
+        return self.usage_recorder.usage_of_lease(lease_id)
+
+    def read(
+        self, *, after: int = 0, page_size: int = CATCH_UP_PAGE_SIZE
+    ) -> Iterator[tuple[int, UsageRecorded]]:
+        """The usage events after log position `after`, in log order, with their positions,
+        a page at a time."""
+        position = after
+        while True:
+            notifications = self.recorder.select_notifications(
+                start=position, limit=page_size, inclusive_of_start=False
+            )
+            for n in notifications:
+                position = n.id
+                yield n.id, usage_of_state(n.state)
+            if len(notifications) < page_size:
+                return
