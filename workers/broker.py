@@ -86,6 +86,23 @@ async def _wait_ready(bootstrap_servers: str, deadline: float) -> None:
 
 
 @contextmanager
+def kafka_from(bootstrap_servers: str | None) -> Iterator[str]:
+    """The configured cluster (its topics are created if missing), or, when none is
+    configured, a private broker for this process alone (said in the log)."""
+    if bootstrap_servers:
+        asyncio.run(create_topics(bootstrap_servers))
+        yield bootstrap_servers
+        return
+    with embedded_broker() as bootstrap:
+        log.warning(
+            "KAFKA_BOOTSTRAP_SERVERS is unset: started a private broker at %s for this "
+            "process only",
+            bootstrap,
+        )
+        yield bootstrap
+
+
+@contextmanager
 def embedded_broker(port: int | None = None) -> Iterator[str]:
     """Start Tansu on a loopback port, create the topics, yield the bootstrap servers;
     stop it on exit."""

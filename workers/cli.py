@@ -53,6 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     project.set_defaults(run=_run_project)
 
+    worker = commands.add_parser(
+        "worker",
+        help="run a service process: gpu (a lease's workload, metered), checker, relay",
+        add_help=False,
+    )
+    worker.add_argument("kind", choices=["gpu", "checker", "relay"], metavar="KIND")
+    worker.add_argument("options", nargs=argparse.REMAINDER)
+    worker.set_defaults(run=_run_worker)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -131,6 +140,18 @@ def _run_project(settings: Settings, args: argparse.Namespace) -> int:
         for name in applied:
             print(f"{name:<12} {applied[name]:>8} {positions[name]:>9}  {hashes[name][:16]}")
     return 0
+
+
+def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
+    if args.kind == "gpu":
+        from workers.gpu_worker import main as gpu_main
+
+        return gpu_main(args.options)
+    from workers.processes import run_checker, run_relay
+
+    if args.kind == "relay":
+        return run_relay(settings, args.options)
+    return run_checker(settings, args.options)
 
 
 if __name__ == "__main__":
