@@ -104,10 +104,12 @@ class AppendOnlyRecorder(PostgresApplicationRecorder):
 
     def _create_table(self, curs: Cursor[DictRow]) -> None:
         # Processes that start together would otherwise deadlock on CREATE OR REPLACE of the
-        # trigger function and triggers: one at a time, per events table.
+        # trigger functions and triggers, or collide on the library's functions shared by
+        # every events table of a schema ("tuple concurrently updated"): one at a time, per
+        # schema.
         curs.execute(
             SQL("SELECT pg_advisory_xact_lock(hashtext({name}))").format(
-                name=Literal(f"aether-create:{self.datastore.schema}.{self.events_table_name}")
+                name=Literal(f"aether-create:{self.datastore.schema}")
             )
         )
         super()._create_table(curs)

@@ -8,8 +8,11 @@ AppendOnlyRecorder`) and its notification log is gap-free and commit-ordered.
 An event records one `domain.usage.UsageRecorded` fact in the stream of its lease, at
 originator_version = the report's sequence: the table's unique (stream, version) key
 refuses a sequence recorded twice, whatever ingest's memory says. Its stored state is the
-fact as plain JSON (`ledger.market.codec`), plus ``"class_version"`` when the class declares
-one above 1; its topic is ``domain.usage:UsageRecorded``.
+fact as plain JSON, exactly as `ledger.market.codec` encodes it (UUIDs and ISO 8601 times
+as strings, integers past 2**53 as decimal strings), written by `state_of` without the
+codec's per-field dispatch (the hot loop); its topic is ``domain.usage:UsageRecorded``. The
+fact is at version 1; a later version would carry ``"class_version"`` and be upcast on read,
+as the marketplace's events are.
 
 Consumed offsets (exactly-once ingest). The table `ingest_offsets` holds, per consumer group,
 topic and partition, the offset of the next message to read. `UsageRecorder.record` writes
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 from uuid import UUID
 
@@ -47,7 +51,7 @@ from psycopg.sql import SQL, Identifier
 from domain.usage import LastUsage, UsageRecorded
 from ledger.errors import LedgerError
 from ledger.limits import CATCH_UP_PAGE_SIZE
-from ledger.market.codec import CodecError, decode, encode
+from ledger.market.codec import JSON_SAFE_INT_MAX, CodecError, decode
 from ledger.store import AppendOnlyRecorder
 
 USAGE_APPLICATION_NAME = "usage"
@@ -95,13 +99,49 @@ class UsageMapper(Mapper[UUID]):
             originator_id=fact.lease_id,
             originator_version=fact.sequence,
             topic=USAGE_TOPIC,
-            state=orjson.dumps(encode(fact)),
+            state=state_of(fact),
         )
 
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
         if stored_event.topic != USAGE_TOPIC:
             raise CodecError(f"not a usage event topic: {stored_event.topic!r}")
         return usage_of_state(stored_event.state)
+
+
+def state_of(fact: UsageRecorded) -> bytes:
+    """The stored state of a fact: the bytes of `orjson.dumps(codec.encode(fact))`, written
+    out field by field (the write path's hot loop; equality with the codec is tested)."""
+    return orjson.dumps(
+        {
+            "envelope_id": str(fact.envelope_id),
+            "lease_id": str(fact.lease_id),
+            "node_id": str(fact.node_id),
+            "sequence": _int(fact.sequence),
+            "interval_start": _time(fact.interval_start),
+            "interval_end": _time(fact.interval_end),
+            "gpu_count": _int(fact.gpu_count),
+            "wall_time_us": _int(fact.wall_time_us),
+            "device_time_us": _int(fact.device_time_us),
+            "flops": _int(fact.flops),
+            "samples": _int(fact.samples),
+            "tokens": _int(fact.tokens),
+            "steps": _int(fact.steps),
+            "peak_memory_bytes": _int(fact.peak_memory_bytes),
+            "workload": fact.workload,
+            "device": fact.device,
+            "received_at": _time(fact.received_at),
+        }
+    )
+
+
+def _int(value: int) -> int | str:
+    return value if -JSON_SAFE_INT_MAX <= value <= JSON_SAFE_INT_MAX else str(value)
+
+
+def _time(value: datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: times are stored with their offset")
+    return value.isoformat()
 
 
 def usage_of_state(state: bytes) -> UsageRecorded:

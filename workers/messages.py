@@ -15,12 +15,13 @@ strings are accepted too, for readers whose numbers are doubles). A node signs i
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from domain.usage import RejectReason as RejectReason
 
 MESSAGE_BYTES_MAX = 64 * 1024
 """Largest message value ingest reads; a larger one is dead-lettered as oversized."""
@@ -103,27 +104,6 @@ class VerdictReport(_Model):
     passed: bool
     failure_kind: Literal["none", "downtime", "fraud", "under_spec"]
     evidence_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-
-
-class RejectReason(StrEnum):
-    """Why ingest turned a message away (it goes to the dead-letter topic with this)."""
-
-    oversized = "oversized"
-    malformed = "malformed"
-    unknown_type = "unknown_type"
-    unsigned = "unsigned"
-    signature_invalid = "signature_invalid"
-    unknown_lease = "unknown_lease"
-    lease_closed = "lease_closed"
-    node_mismatch = "node_mismatch"
-    duplicate = "duplicate"
-    replayed = "replayed"
-    out_of_order = "out_of_order"
-    impossible_interval = "impossible_interval"
-    overlapping_interval = "overlapping_interval"
-    impossible_device_time = "impossible_device_time"
-    refused = "refused"
-    """The marketplace refused the command the message carries (its code is in detail)."""
 
 
 class MessageRejectedError(Exception):

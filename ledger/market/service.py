@@ -645,6 +645,11 @@ class Marketplace:
         account = self.writer.account(account_id(AccountCode.consumer_available, consumer_id))
         return 0 if account is None else account.available
 
+    def refresh(self) -> None:
+        """Read what other processes appended to the marketplace log since our last look."""
+        with self._lock:
+            self._catch_up()
+
     # -- commands ------------------------------------------------------------------------
 
     def handle(self, command: Command) -> Handled:

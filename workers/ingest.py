@@ -1,0 +1,888 @@
+"""Ingest: Kafka messages in, validated, verified, deduplicated events out, effectively once.
+
+One `Ingest` is one member of a Kafka consumer group (aiokafka, no auto-commit) reading the
+usage, heartbeat and verdict topics. For each batch (`getmany`, at most
+BATCH_RECORDS_MAX records):
+
+1. every message is decoded (`workers.messages.decode_envelope`: oversized, malformed),
+   routed by its type (a type the topic does not carry is `unknown_type`) and its payload
+   validated (malformed);
+2. usage reports and heartbeats must be signed (`unsigned`), by the key registered for the
+   reporting node (`signature_invalid`; an unregistered node's report cannot be verified
+   either). Signatures are verified in a thread pool (VERIFY_THREADS);
+3. usage reports are decided by `domain.usage.check_usage` against the marketplace's lease
+   and the lease's last recorded report (read from the store once per lease, then kept in
+   memory); a lease or node the marketplace does not know makes ingest re-read the
+   marketplace log first (at most once per batch: it may have opened the lease since);
+4. heartbeats and verdicts become `RecordHeartbeat` / `SubmitVerdict` commands of the
+   marketplace service, with command_id = uuid5(COMMAND_NAMESPACE, envelope id): a
+   redelivered message is an idempotent retry. A command the service refuses is
+   dead-lettered as `refused`, with the `MarketError` code in its detail;
+5. every rejected message is produced to the dead-letter topic (an envelope of type
+   `aether.dead_letter.v1`: reason, detail, topic, partition, offset, the original key and
+   value as text) and ingest goes on with the next one;
+6. the dead letters are produced and acknowledged (acks="all") BEFORE the batch commits;
+7. ONE Postgres transaction appends the accepted usage events and advances the group's
+   offsets of every partition of the batch (`ledger.usage`), whatever each message became.
+
+Guarantees. On (re)assignment of partitions the consumer seeks each one to the offset
+stored in Postgres (or the beginning when none is stored), so a restart, a crash or a
+rebalance resumes exactly after the last committed batch: each usage report is recorded at
+most once (also by the events' unique (lease, sequence) key) and, being re-read until its
+batch commits, at least once. Dead letters are at least once: a crash after they were
+produced and before the commit re-reads the batch and produces them again (with the same
+envelope id, uuid5 of group, topic, partition and offset, so readers can drop the repeat);
+a dead letter is never lost. Commands sent to the marketplace before a crash are retried
+with the same command id (idempotent). The next batch is decided while the previous one
+commits; if a commit is refused (another consumer moved the offsets: a rebalance zombie)
+ingest drops what it decided since, re-reads the stored offsets and seeks to them.
+
+Start-up waits for the broker: "waiting for Kafka at <servers>: <error>; retrying in N s",
+at most CONNECT_ATTEMPTS_MAX times.
+
+Run as a process: ``python -m workers.ingest`` (DATABASE_URL, POSTGRES_SCHEMA,
+KAFKA_BOOTSTRAP_SERVERS, each unset meaning the embedded default; see ``--help``); SIGTERM
+or SIGINT finish the batch in flight and leave the group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid5
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from domain.usage import (
+    DEFAULT_USAGE_RULES,
+    LastUsage,
+    UsageRecorded,
+    UsageRules,
+    check_usage,
+)
+from domain.verdicts import FailureKind, Verdict
+from ledger.market.service import MarketError, Marketplace, RecordHeartbeat, SubmitVerdict
+from ledger.usage import OffsetAdvance, UsageApplication, UsageConflictError
+from workers import messages
+from workers.broker import DEAD_LETTER, HEARTBEATS, USAGE, VERDICTS, Topic, embedded_broker
+from workers.messages import (
+    DEAD_LETTER_TYPE,
+    HEARTBEAT_TYPE,
+    MESSAGE_BYTES_MAX,
+    USAGE_TYPE,
+    VERDICT_TYPE,
+    Envelope,
+    HeartbeatReport,
+    MessageRejectedError,
+    RejectReason,
+    UsageReport,
+    VerdictReport,
+)
+from workers.signing import verify
+
+log = logging.getLogger(__name__)
+
+BATCH_RECORDS_MAX = 4_000
+"""Most messages decided and committed together (one Postgres transaction)."""
+FETCH_TIMEOUT_MS = 200
+"""Longest wait of one fetch for messages."""
+CONNECT_ATTEMPTS_MAX = 120
+"""Most tries at reaching the broker at start-up."""
+CONNECT_BACKOFF_S = 0.5
+"""First pause between two tries; it doubles up to CONNECT_BACKOFF_S_MAX."""
+CONNECT_BACKOFF_S_MAX = 5.0
+CONFLICTS_IN_A_ROW_MAX = 32
+"""Most refused commits in a row (offsets moved by another consumer) before ingest stops."""
+VERIFY_THREADS = 2
+"""Threads verifying signatures (the verifier releases the GIL for part of its work)."""
+VERIFY_CHUNK_MAX = 512
+"""Most signatures one verifier task checks."""
+LEASES_CACHED_MAX = 1_000_000
+"""Most leases whose last usage ingest remembers; beyond, it forgets them all and reads
+them again from the store."""
+DEAD_LETTER_VALUE_CHARS_MAX = MESSAGE_BYTES_MAX
+"""Most characters of a rejected message's value copied into its dead letter."""
+SESSION_TIMEOUT_MS = 10_000
+"""How long the group waits for a silent member (a crashed process) before handing its
+partitions to the others; a group join also waits about this long on some brokers."""
+HEARTBEAT_INTERVAL_MS = 3_000
+"""How often the consumer tells the group it is alive (a third of the session timeout)."""
+CAUGHT_UP_TIMEOUT_S = 120.0
+"""Longest `run_until_caught_up` waits by default."""
+
+COMMAND_NAMESPACE = UUID("1f7d7c3e-4b8a-5d0e-9c1a-7a3b2c4d5e6f")
+"""Namespace of the command ids derived from envelope ids. Never change."""
+DEAD_LETTER_NAMESPACE = UUID("6a2e9f10-3c5b-5e7d-8f40-b1c2d3e4f5a6")
+"""Namespace of the dead letters' envelope ids. Never change."""
+
+Clock = Callable[[], datetime]
+Verifier = Callable[[str, dict[str, Any], str], bool]
+"""(node public key hex, the report's fields, signature hex) -> whether the node signed the
+fields' canonical bytes (`workers.signing.verify`, the default). Called from the verify
+threads."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class IngestError(Exception):
+    """Base of ingest's errors."""
+
+
+class BrokerUnavailableError(IngestError):
+    """The broker did not answer within CONNECT_ATTEMPTS_MAX tries."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestTopics:
+    """The topics ingest reads and the one it dead-letters to."""
+
+    usage: Topic = USAGE
+    heartbeats: Topic = HEARTBEATS
+    verdicts: Topic = VERDICTS
+    dead_letter: Topic = DEAD_LETTER
+
+    def suffixed(self, suffix: str) -> IngestTopics:
+        """The same topics named "<name>.<suffix>" (tests and benchmarks isolate by it)."""
+
+        def named(topic: Topic) -> Topic:
+            return replace(topic, name=f"{topic.name}.{suffix}")
+
+        return IngestTopics(
+            named(self.usage), named(self.heartbeats), named(self.verdicts), named(self.dead_letter)
+        )
+
+    def all(self) -> tuple[Topic, Topic, Topic, Topic]:
+        return (self.usage, self.heartbeats, self.verdicts, self.dead_letter)
+
+    def read(self) -> tuple[str, str, str]:
+        return (self.usage.name, self.heartbeats.name, self.verdicts.name)
+
+
+@dataclass
+class IngestStats:
+    """What one ingest did (counters since start; times from time.perf_counter())."""
+
+    consumed: int = 0
+    recorded: int = 0
+    """Usage events committed."""
+    commands: int = 0
+    """Heartbeats and verdicts the marketplace accepted (or had accepted before)."""
+    dead_lettered: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    conflicts: int = 0
+    first_consumed_at: float | None = None
+    last_committed_at: float | None = None
+    verify_wait_s: float = 0.0
+    """Time decisions waited for signatures (verification overlaps parsing)."""
+    decide_s: float = 0.0
+    commit_s: float = 0.0
+
+
+@dataclass
+class _Pending:
+    """A message that passed decoding, waiting for its signature and rules."""
+
+    record: ConsumerRecord[bytes, bytes]
+    envelope: Envelope
+    report: UsageReport | HeartbeatReport | VerdictReport
+    public_key: str | None = None
+    verified: bool = False
+
+
+@dataclass
+class _Batch:
+    """What one batch decided: facts to store, dead letters to send, offsets to advance."""
+
+    generation: int
+    facts: list[UsageRecorded] = field(default_factory=list)
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    offsets: list[OffsetAdvance] = field(default_factory=list)
+    consumed: int = 0
+    commands: int = 0
+    refreshed: bool = False
+    """Whether this batch already re-read the marketplace log."""
+
+
+@dataclass
+class _Chunk:
+    """Up to VERIFY_CHUNK_MAX parsed messages and the verification of their signatures."""
+
+    pending: list[_Pending]
+    signed: list[_Pending]
+    """Those that carry a signature to check."""
+    checkable: list[_Pending]
+    """Those of `signed` whose node has a registered key (the others fail)."""
+    future: asyncio.Future[list[bool]] | None
+    """Whether each of `checkable` is signed by its node's key."""
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, ingest: Ingest) -> None:
+        self._ingest = ingest
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._ingest._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._ingest._on_assigned(assigned)
+
+
+class Ingest:
+    """One ingest consumer (see the module docstring). Use as ``async with``."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        group_id: str,
+        usage: UsageApplication,
+        market: Marketplace,
+        *,
+        topics: IngestTopics | None = None,
+        rules: UsageRules = DEFAULT_USAGE_RULES,
+        clock: Clock = utc_now,
+        batch_records_max: int = BATCH_RECORDS_MAX,
+        verify_threads: int = VERIFY_THREADS,
+        verifier: Verifier = verify,
+        connect_attempts_max: int = CONNECT_ATTEMPTS_MAX,
+        session_timeout_ms: int = SESSION_TIMEOUT_MS,
+        client_id: str = "aether-ingest",
+    ) -> None:
+        if not 1 <= batch_records_max <= 100_000:
+            raise ValueError(f"batch_records_max must be within 1..100000: {batch_records_max}")
+        self.bootstrap_servers = bootstrap_servers
+        self.group_id = group_id
+        self.usage = usage
+        self.market = market
+        self.topics = topics or IngestTopics()
+        self.rules = rules
+        self.clock = clock
+        self.batch_records_max = batch_records_max
+        self.connect_attempts_max = connect_attempts_max
+        self.session_timeout_ms = session_timeout_ms
+        self.client_id = client_id
+        self.stats = IngestStats()
+        self.verifier = verifier
+        self._verify_pool = ThreadPoolExecutor(verify_threads, thread_name_prefix="verify")
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._last: dict[UUID, LastUsage | None] = {}
+        """Per lease: its last recorded report (None: none), including the batch decided
+        and not committed yet."""
+        self._stored: dict[TopicPartition, int | None] = {}
+        """Per assigned partition: the stored next offset as of our last commit (decided
+        batches included)."""
+        self._inflight: asyncio.Task[None] | None = None
+        self._generation = 0
+        """Bumped whenever the assignment changes or positions are reset: a batch decided
+        in an older generation is dropped, not committed."""
+        self._conflicts_in_a_row = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Ingest:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect to the broker (waiting for it, see CONNECT_ATTEMPTS_MAX) and join the group."""
+        delay_s = CONNECT_BACKOFF_S
+        for attempt in range(1, self.connect_attempts_max + 1):
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap_servers,
+                client_id=self.client_id,
+                acks="all",
+                enable_idempotence=False,
+                linger_ms=5,
+                request_timeout_ms=30_000,
+            )
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers,
+                client_id=self.client_id,
+                group_id=self.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                isolation_level="read_uncommitted",
+                max_partition_fetch_bytes=4 * 1024 * 1024,
+                fetch_max_bytes=64 * 1024 * 1024,
+                session_timeout_ms=self.session_timeout_ms,
+                heartbeat_interval_ms=min(HEARTBEAT_INTERVAL_MS, self.session_timeout_ms // 3),
+            )
+            try:
+                await producer.start()
+                await consumer.start()
+            except (KafkaConnectionError, KafkaError, OSError) as e:
+                with suppress(Exception):
+                    await consumer.stop()
+                with suppress(Exception):
+                    await producer.stop()
+                if attempt == self.connect_attempts_max:
+                    raise BrokerUnavailableError(
+                        f"Kafka at {self.bootstrap_servers} did not answer in {attempt} tries: {e}"
+                    ) from e
+                log.warning(
+                    "waiting for Kafka at %s: %s; retrying in %s s",
+                    self.bootstrap_servers,
+                    e,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, CONNECT_BACKOFF_S_MAX)
+                continue
+            self._producer, self._consumer = producer, consumer
+            break
+        assert self._consumer is not None
+        await self._wait_for_topics(self._consumer, CONNECT_BACKOFF_S)
+        self._consumer.subscribe(topics=list(self.topics.read()), listener=_Listener(self))
+        log.info(
+            "ingest %s reading %s from %s",
+            self.group_id,
+            ", ".join(self.topics.read()),
+            self.bootstrap_servers,
+        )
+
+    async def _wait_for_topics(self, consumer: AIOKafkaConsumer, delay_s: float) -> None:
+        """Wait until the broker has every topic ingest reads (a broker just started may
+        not have created them yet; a group joined without them would wait for the next
+        metadata refresh)."""
+        for attempt in range(1, self.connect_attempts_max + 1):
+            missing = sorted(set(self.topics.read()) - set(await consumer.topics()))
+            if not missing:
+                return
+            if attempt == self.connect_attempts_max:
+                raise BrokerUnavailableError(
+                    f"Kafka at {self.bootstrap_servers} has no topic {', '.join(missing)}"
+                )
+            log.warning(
+                "waiting for Kafka at %s: topics %s do not exist yet; retrying in %s s",
+                self.bootstrap_servers,
+                ", ".join(missing),
+                delay_s,
+            )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, CONNECT_BACKOFF_S_MAX)
+
+    async def stop(self) -> None:
+        """Finish the commit in flight, leave the group, close the clients."""
+        try:
+            await self._finish_inflight()
+        finally:
+            if self._consumer is not None:
+                await self._consumer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
+            self._consumer = self._producer = None
+            self._verify_pool.shutdown(wait=False)
+
+    async def run(self, stop: asyncio.Event) -> IngestStats:
+        """Ingest until `stop` is set."""
+        while not stop.is_set():
+            await self.step()
+        await self._finish_inflight()
+        return self.stats
+
+    async def run_until_caught_up(self, timeout_s: float = CAUGHT_UP_TIMEOUT_S) -> IngestStats:
+        """Ingest until every partition assigned to this consumer is committed up to its end
+        (as of the moment it is checked); TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            consumed = await self.step()
+            if consumed == 0 and await self.caught_up():
+                return self.stats
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ingest {self.group_id} not caught up after {timeout_s} s")
+
+    async def caught_up(self) -> bool:
+        """Whether nothing is in flight and each assigned partition is read to its end."""
+        await self._finish_inflight()
+        consumer = self._require_consumer()
+        assigned = consumer.assignment()
+        if not assigned:
+            return False
+        ends = await consumer.end_offsets(list(assigned))
+        for tp in assigned:
+            # The fetches' high watermark where known: some brokers (Tansu) answer the
+            # latest offset of ListOffsets with the last record batch's base offset + 1.
+            end = max(ends[tp], consumer.highwater(tp) or 0)
+            if await consumer.position(tp) < end:
+                return False
+        return True
+
+    # -- one batch -------------------------------------------------------------------------
+
+    async def step(self, timeout_ms: int = FETCH_TIMEOUT_MS) -> int:
+        """Fetch, decide and hand one batch to the committer; returns the messages read."""
+        consumer = self._require_consumer()
+        records = await consumer.getmany(timeout_ms=timeout_ms, max_records=self.batch_records_max)
+        if not records:
+            return 0
+        started = time.perf_counter()
+        if self.stats.first_consumed_at is None:
+            self.stats.first_consumed_at = started
+        batch = await self._decide(records)
+        self.stats.decide_s += time.perf_counter() - started
+        if batch.generation != self._generation:
+            log.info("dropping a batch decided before the assignment changed")
+            return batch.consumed
+        await self._send_dead_letters(batch)
+        await self._finish_inflight()
+        if batch.generation != self._generation:
+            log.info("dropping a batch decided before the offsets were reset")
+            return batch.consumed
+        self._inflight = asyncio.create_task(self._commit(batch))
+        return batch.consumed
+
+    async def _decide(
+        self, records: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+    ) -> _Batch:
+        """Parse the batch, verifying signatures a chunk at a time in the thread pool while
+        the next chunk is parsed; then apply the rules chunk by chunk, in record order."""
+        batch = _Batch(self._generation)
+        now = self.clock()
+        chunks: list[_Chunk] = []
+        current: list[_Pending] = []
+        for tp, tp_records in records.items():
+            if not tp_records:
+                continue
+            batch.consumed += len(tp_records)
+            next_offset = tp_records[-1].offset + 1
+            batch.offsets.append(
+                OffsetAdvance(tp.topic, tp.partition, self._stored.get(tp), next_offset)
+            )
+            self._stored[tp] = next_offset
+            for record in tp_records:
+                try:
+                    current.append(self._parse(record))
+                except MessageRejectedError as e:
+                    self._dead_letter(batch, record, e.reason, e.detail, now)
+                if len(current) >= VERIFY_CHUNK_MAX:
+                    chunks.append(self._start_verify(batch, current))
+                    current = []
+        if current:
+            chunks.append(self._start_verify(batch, current))
+        await self._load_last_usage(
+            p.report.lease_id
+            for chunk in chunks
+            for p in chunk.pending
+            if isinstance(p.report, UsageReport)
+        )
+        for chunk in chunks:
+            await self._finish_verify(batch, chunk, now)
+            for p in chunk.pending:
+                if not p.verified:
+                    continue
+                if isinstance(p.report, UsageReport):
+                    self._decide_usage(batch, p, now)
+                else:
+                    await self._send_command(batch, p, now)
+        return batch
+
+    def _parse(self, record: ConsumerRecord[Any, Any]) -> _Pending:
+        envelope = messages.decode_envelope(record.value)
+        expected = {
+            self.topics.usage.name: USAGE_TYPE,
+            self.topics.heartbeats.name: HEARTBEAT_TYPE,
+            self.topics.verdicts.name: VERDICT_TYPE,
+        }[record.topic]
+        if envelope.type != expected:
+            raise MessageRejectedError(
+                RejectReason.unknown_type,
+                f"message {envelope.id}: type {envelope.type!r} on topic {record.topic} "
+                f"(which carries {expected})",
+            )
+        report: UsageReport | HeartbeatReport | VerdictReport
+        if expected == USAGE_TYPE:
+            report = messages.payload(UsageReport, envelope)
+        elif expected == HEARTBEAT_TYPE:
+            report = messages.payload(HeartbeatReport, envelope)
+        else:
+            return _Pending(record, envelope, messages.payload(VerdictReport, envelope), None, True)
+        if report.signature is None:
+            raise MessageRejectedError(
+                RejectReason.unsigned, f"message {envelope.id} from node {report.node_id}"
+            )
+        return _Pending(record, envelope, report)
+
+    def _start_verify(self, batch: _Batch, pending: list[_Pending]) -> _Chunk:
+        """Resolve the node key of each signed report of `pending` and start verifying
+        their signatures in the thread pool."""
+        signed = [p for p in pending if not p.verified]
+        keys = self._node_keys(batch, {p.report.node_id for p in signed}) if signed else {}
+        for p in signed:
+            p.public_key = keys.get(p.report.node_id)
+        checkable = [p for p in signed if p.public_key is not None]
+        future = (
+            asyncio.get_running_loop().run_in_executor(
+                self._verify_pool, _verify_chunk, self.verifier, checkable
+            )
+            if checkable
+            else None
+        )
+        return _Chunk(pending, signed, checkable, future)
+
+    async def _finish_verify(self, batch: _Batch, chunk: _Chunk, now: datetime) -> None:
+        """Wait for the chunk's signatures; dead-letter each report that fails."""
+        if chunk.future is not None:
+            started = time.perf_counter()
+            results = await chunk.future
+            self.stats.verify_wait_s += time.perf_counter() - started
+            for p, ok in zip(chunk.checkable, results, strict=True):
+                p.verified = ok
+        for p in chunk.signed:
+            if p.verified:
+                continue
+            detail = (
+                f"message {p.envelope.id}: no key is registered for node {p.report.node_id}"
+                if p.public_key is None
+                else f"message {p.envelope.id}: not signed by node {p.report.node_id}'s key"
+            )
+            self._dead_letter(batch, p.record, RejectReason.signature_invalid, detail, now)
+
+    def _node_keys(self, batch: _Batch, node_ids: set[UUID]) -> dict[UUID, str]:
+        """The registered public key of each node that has one; re-reads the marketplace
+        log first if some node is unknown."""
+        keys = self._known_keys(node_ids)
+        if len(keys) < len(node_ids) and not batch.refreshed:
+            self._refresh_market(batch)
+            keys = self._known_keys(node_ids)
+        return keys
+
+    def _known_keys(self, node_ids: set[UUID]) -> dict[UUID, str]:
+        state = self.market.state
+        keys: dict[UUID, str] = {}
+        for node_id in node_ids:
+            provider_id = state.node_provider.get(node_id)
+            provider = None if provider_id is None else state.providers.get(provider_id)
+            node = None if provider is None else provider.node(node_id)
+            if node is not None:
+                keys[node_id] = node.public_key
+        return keys
+
+    def _refresh_market(self, batch: _Batch) -> None:
+        """Read what the marketplace log holds since the service's last look (at most once
+        per batch: unknown ids in a flood of bad messages cost one indexed read each batch)."""
+        batch.refreshed = True
+        # The service has no public read-only catch-up: the one `handle` starts with.
+        self.market.refresh()
+
+    async def _load_last_usage(self, lease_ids: Iterable[UUID]) -> None:
+        missing = {lease_id for lease_id in lease_ids if lease_id not in self._last}
+        if not missing:
+            return
+        if len(self._last) + len(missing) > LEASES_CACHED_MAX:
+            self._last.clear()
+        found = await asyncio.to_thread(self.usage.last_usages, missing)
+        for lease_id in missing:
+            self._last[lease_id] = found.get(lease_id)
+
+    def _decide_usage(self, batch: _Batch, p: _Pending, now: datetime) -> None:
+        report = p.report
+        assert isinstance(report, UsageReport)
+        fact = UsageRecorded(
+            envelope_id=p.envelope.id,
+            lease_id=report.lease_id,
+            node_id=report.node_id,
+            sequence=report.sequence,
+            interval_start=report.interval_start,
+            interval_end=report.interval_end,
+            gpu_count=report.gpu_count,
+            wall_time_us=report.wall_time_us,
+            device_time_us=report.device_time_us,
+            flops=report.flops,
+            samples=report.samples,
+            tokens=report.tokens,
+            steps=report.steps,
+            peak_memory_bytes=report.peak_memory_bytes,
+            workload=report.workload,
+            device=report.device,
+            received_at=_record_time(p.record.timestamp),
+        )
+        lease = self.market.state.leases.get(fact.lease_id)
+        if lease is None and not batch.refreshed:
+            self._refresh_market(batch)
+            lease = self.market.state.leases.get(fact.lease_id)
+        rejected = check_usage(lease, self._last.get(fact.lease_id), fact, now, self.rules)
+        if rejected is not None:
+            self._dead_letter(batch, p.record, rejected.reason, rejected.detail, now)
+            return
+        batch.facts.append(fact)
+        self._last[fact.lease_id] = LastUsage.of(fact)
+
+    async def _send_command(self, batch: _Batch, p: _Pending, now: datetime) -> None:
+        command_id = uuid5(COMMAND_NAMESPACE, str(p.envelope.id))
+        report = p.report
+        command: RecordHeartbeat | SubmitVerdict
+        if isinstance(report, HeartbeatReport):
+            command = RecordHeartbeat(
+                command_id, report.lease_id, report.node_id, report.sequence, report.at
+            )
+        else:
+            assert isinstance(report, VerdictReport)
+            command = SubmitVerdict(
+                command_id,
+                Verdict(
+                    report.verdict_id,
+                    report.checker_id,
+                    report.node_id,
+                    report.provider_id,
+                    report.window_start,
+                    report.window_end,
+                    report.latency_ms_p99,
+                    report.throughput_milli_per_s,
+                    report.uptime_ppm,
+                    report.passed,
+                    FailureKind[report.failure_kind],
+                    report.evidence_hash,
+                ),
+            )
+        try:
+            await asyncio.to_thread(self.market.handle, command)
+        except MarketError as e:
+            self._dead_letter(
+                batch,
+                p.record,
+                RejectReason.refused,
+                f"{e.code}: {e} (message {p.envelope.id})",
+                now,
+            )
+            return
+        batch.commands += 1
+
+    def _dead_letter(
+        self,
+        batch: _Batch,
+        record: ConsumerRecord[Any, Any],
+        reason: RejectReason,
+        detail: str,
+        now: datetime,
+    ) -> None:
+        batch.dead_letters.append(dead_letter(record, reason, detail, self.group_id, now))
+        self.stats.reasons[reason.value] += 1
+
+    async def _send_dead_letters(self, batch: _Batch) -> None:
+        """Produce the batch's dead letters and wait until the broker has them all."""
+        if not batch.dead_letters:
+            return
+        producer = self._producer
+        assert producer is not None
+        topic = self.topics.dead_letter.name
+        sent = [await producer.send(topic, value, key=key) for key, value in batch.dead_letters]
+        await asyncio.gather(*sent)
+        self.stats.dead_lettered += len(batch.dead_letters)
+
+    async def _commit(self, batch: _Batch) -> None:
+        started = time.perf_counter()
+        await asyncio.to_thread(self.usage.record, batch.facts, self.group_id, batch.offsets)
+        finished = time.perf_counter()
+        self.stats.commit_s += finished - started
+        self.stats.last_committed_at = finished
+        self.stats.batches += 1
+        self.stats.consumed += batch.consumed
+        self.stats.recorded += len(batch.facts)
+        self.stats.commands += batch.commands
+
+    async def _finish_inflight(self, *, reset_on_conflict: bool = True) -> None:
+        """Wait for the commit in flight; a refused one resets to the stored offsets (or,
+        during a rebalance, leaves that to the assignment that follows)."""
+        task, self._inflight = self._inflight, None
+        if task is None:
+            return
+        try:
+            await task
+        except UsageConflictError as e:
+            self._conflicts_in_a_row += 1
+            self.stats.conflicts += 1
+            if self._conflicts_in_a_row > CONFLICTS_IN_A_ROW_MAX:
+                raise
+            log.warning("commit refused, resuming from the stored offsets: %s", e)
+            self._generation += 1
+            self._last.clear()
+            if reset_on_conflict:
+                await self._reset(self._require_consumer().assignment())
+        else:
+            self._conflicts_in_a_row = 0
+
+    # -- assignment ------------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # The next owner reads the offsets we stored: let the commit in flight land first.
+        self._generation += 1
+        await self._finish_inflight(reset_on_conflict=False)
+        for tp in revoked:
+            self._stored.pop(tp, None)
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._reset(assigned)
+        log.info("ingest %s assigned %d partitions", self.group_id, len(assigned))
+
+    async def _reset(self, partitions: set[TopicPartition]) -> None:
+        """Forget what was decided and not committed; seek to the stored offsets."""
+        self._generation += 1
+        self._last.clear()
+        consumer = self._require_consumer()
+        stored = await asyncio.to_thread(
+            self.usage.stored_offsets,
+            self.group_id,
+            [(tp.topic, tp.partition) for tp in partitions],
+        )
+        beginning = []
+        self._stored = {}
+        for tp in partitions:
+            offset = stored.get((tp.topic, tp.partition))
+            self._stored[tp] = offset
+            if offset is None:
+                beginning.append(tp)
+            else:
+                consumer.seek(tp, offset)
+        if beginning:
+            await consumer.seek_to_beginning(*beginning)
+
+    def _require_consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise IngestError("ingest is not started")
+        return self._consumer
+
+
+def _record_time(timestamp_ms: int) -> datetime:
+    """A record's timestamp (milliseconds since the epoch) as an exact UTC datetime."""
+    seconds, ms = divmod(timestamp_ms, 1000)
+    return datetime.fromtimestamp(seconds, UTC) + timedelta(milliseconds=ms)
+
+
+def _verify_chunk(verifier: Verifier, chunk: Sequence[_Pending]) -> list[bool]:
+    results = []
+    for p in chunk:
+        report = p.report
+        assert p.public_key is not None and not isinstance(report, VerdictReport)
+        assert report.signature is not None
+        results.append(verifier(p.public_key, p.envelope.data, report.signature))
+    return results
+
+
+def dead_letter(
+    record: ConsumerRecord[Any, Any],
+    reason: RejectReason,
+    detail: str,
+    group_id: str,
+    now: datetime,
+) -> tuple[bytes | None, bytes]:
+    """The (key, value) of the dead letter of a rejected message (see the module docstring)."""
+    raw_value: bytes = record.value or b""
+    raw_key: bytes | None = record.key
+    value = raw_value.decode("utf-8", errors="backslashreplace")
+    key = None if raw_key is None else raw_key.decode("utf-8", errors="backslashreplace")
+    where = f"{record.topic}/{record.partition}/{record.offset}"
+    subject = (
+        key if key and len(key) <= messages.TEXT_LENGTH_MAX else where[-messages.TEXT_LENGTH_MAX :]
+    )
+    envelope = Envelope(
+        id=uuid5(DEAD_LETTER_NAMESPACE, f"{group_id}:{where}"),
+        type=DEAD_LETTER_TYPE,
+        source=f"ingest/{group_id}"[: messages.TEXT_LENGTH_MAX],
+        subject=subject,
+        time=now,
+        data={
+            "reason": reason.value,
+            "detail": detail,
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "key": key,
+            "value": value[:DEAD_LETTER_VALUE_CHARS_MAX],
+            "value_bytes": len(raw_value),
+            "value_truncated": len(value) > DEAD_LETTER_VALUE_CHARS_MAX,
+        },
+    )
+    return raw_key, messages.encode(envelope)
+
+
+# -- the process ---------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace, servers: str) -> None:
+    from ledger.config import Settings
+    from workers.bootstrap import open_market
+
+    settings = Settings()
+    topics = IngestTopics().suffixed(args.topics_suffix) if args.topics_suffix else IngestTopics()
+    with open_market(settings) as market:
+        usage = UsageApplication(
+            market.ledger.app.app_recorder.datastore, env=market.ledger.app.env
+        )
+        ingest = Ingest(
+            servers,
+            args.group_id,
+            usage,
+            market.service,
+            topics=topics,
+            batch_records_max=args.batch_records_max,
+            session_timeout_ms=args.session_timeout_ms,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with ingest:
+            if args.until_caught_up:
+                stats = await ingest.run_until_caught_up()
+            else:
+                stats = await ingest.run(stop)
+        log.info(
+            "ingest %s done: consumed=%d recorded=%d commands=%d dead_lettered=%d",
+            args.group_id,
+            stats.consumed,
+            stats.recorded,
+            stats.commands,
+            stats.dead_lettered,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.ingest", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--group-id", default="aether-ingest")
+    parser.add_argument("--topics-suffix", default="", help="read <topic>.<suffix> (tests)")
+    parser.add_argument("--batch-records-max", type=int, default=BATCH_RECORDS_MAX)
+    parser.add_argument("--session-timeout-ms", type=int, default=SESSION_TIMEOUT_MS)
+    parser.add_argument(
+        "--until-caught-up", action="store_true", help="exit once every partition is read"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    from ledger.config import Settings
+
+    with ExitStack() as stack:
+        servers = Settings().kafka_bootstrap_servers
+        if servers is None:
+            servers = stack.enter_context(embedded_broker())
+            log.warning(
+                "KAFKA_BOOTSTRAP_SERVERS is unset; embedded broker on %s "
+                "(its messages end with this process)",
+                servers,
+            )
+        asyncio.run(_serve(args, servers))
+
+
+if __name__ == "__main__":
+    main()
