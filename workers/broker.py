@@ -40,7 +40,16 @@ VERDICTS = Topic("aether.verdicts", 4, "node id")
 DEAD_LETTER = Topic("aether.dead-letter", 1, "the rejected message's key")
 MARKETPLACE_EVENTS = Topic("aether.events.marketplace", 8, "aggregate id")
 LEDGER_EVENTS = Topic("aether.events.ledger", 8, "aggregate id")
-TOPICS = (USAGE, HEARTBEATS, VERDICTS, DEAD_LETTER, MARKETPLACE_EVENTS, LEDGER_EVENTS)
+USAGE_EVENTS = Topic("aether.events.usage", 8, "aggregate id")
+TOPICS = (
+    USAGE,
+    HEARTBEATS,
+    VERDICTS,
+    DEAD_LETTER,
+    MARKETPLACE_EVENTS,
+    LEDGER_EVENTS,
+    USAGE_EVENTS,
+)
 
 
 def free_port() -> int:

@@ -55,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker = commands.add_parser(
         "worker",
-        help="run a service process: gpu (a lease's workload, metered), checker, relay",
+        help="run a service process: gpu (a lease's workload, metered), checker, ingest, relay",
         add_help=False,
     )
-    worker.add_argument("kind", choices=["gpu", "checker", "relay"], metavar="KIND")
+    worker.add_argument("kind", choices=["gpu", "checker", "ingest", "relay"], metavar="KIND")
     worker.add_argument("options", nargs=argparse.REMAINDER)
     worker.set_defaults(run=_run_worker)
 
@@ -147,6 +147,11 @@ def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
         from workers.gpu_worker import main as gpu_main
 
         return gpu_main(args.options)
+    if args.kind == "ingest":
+        from workers.ingest import main as ingest_main
+
+        ingest_main(args.options)
+        return 0
     from workers.processes import run_checker, run_relay
 
     if args.kind == "relay":

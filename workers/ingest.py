@@ -857,7 +857,7 @@ async def _serve(args: argparse.Namespace, servers: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m workers.ingest", description=__doc__.split("\n")[0]
+        prog="aether worker ingest", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--group-id", default="aether-ingest")
     parser.add_argument("--topics-suffix", default="", help="read <topic>.<suffix> (tests)")

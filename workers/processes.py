@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from uuid import UUID
 
 from ledger.config import Settings
+from ledger.usage import UsageApplication
 from workers.bootstrap import open_market
-from workers.broker import LEDGER_EVENTS, MARKETPLACE_EVENTS, kafka_from
+from workers.broker import LEDGER_EVENTS, MARKETPLACE_EVENTS, USAGE_EVENTS, kafka_from
 from workers.checker import Checker, CheckerRules
 from workers.relay import Relay, Source
 
@@ -20,19 +21,23 @@ log = logging.getLogger(__name__)
 
 
 def run_relay(settings: Settings, argv: Sequence[str]) -> int:
-    """`aether worker relay`: publish the ledger's and the marketplace's logs to Kafka."""
+    """`aether worker relay`: publish the ledger's, the marketplace's and the usage logs to
+    Kafka."""
     parser = argparse.ArgumentParser(prog="aether worker relay")
     parser.parse_args(argv)
     with open_market(settings) as market, kafka_from(settings.kafka_bootstrap_servers) as kafka:
+        datastore = market.ledger.app.app_recorder.datastore
+        usage = UsageApplication(datastore, env=market.ledger.app.env)
         relay = Relay(
-            market.ledger.app.app_recorder.datastore,
+            datastore,
             [
                 Source(market.ledger.app, LEDGER_EVENTS.name),
                 Source(market.app, MARKETPLACE_EVENTS.name),
+                Source(usage, USAGE_EVENTS.name),
             ],
             kafka,
         )
-        log.info("relay: publishing the ledger and marketplace logs to %s", kafka)
+        log.info("relay: publishing the ledger, marketplace and usage logs to %s", kafka)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(relay.run())
     return 0
