@@ -79,6 +79,17 @@ async def create_topics(bootstrap_servers: str, topics: tuple[Topic, ...] = TOPI
 
 
 async def _wait_ready(bootstrap_servers: str, deadline: float) -> None:
+    # aiokafka logs every refused connection as an error while the broker starts: quiet.
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    try:
+        await _poll_ready(bootstrap_servers, deadline)
+    finally:
+        client_log.setLevel(level)
+
+
+async def _poll_ready(bootstrap_servers: str, deadline: float) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)

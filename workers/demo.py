@@ -14,6 +14,7 @@ every command, and the service answers each as a retry; nothing is recorded twic
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from domain.codes import AccountCode
-from domain.lease import DEMO_LEASE_RULES, CloseReason, Lease
+from domain.lease import DEMO_LEASE_RULES, CloseReason, Lease, lease_id_for
 from domain.orderbook import Ask, Bid, escrow_required
 from domain.postings import account_id, protocol_account_id
 from domain.providers import Node
@@ -29,12 +30,16 @@ from domain.verdicts import FailureKind, Verdict, window_containing, window_end_
 from ledger.config import Settings
 from ledger.market import service as m
 from ledger.money import format_amount, units
-from workers.bootstrap import open_market
+from ledger.usage import UsageApplication
+from workers.bootstrap import Market, open_market
+from workers.broker import kafka_from
+from workers.live import describe, node_key, run_live
 from workers.projector import Views, open_views
 from workers.report import lines_of_view, print_accounts
 
-DEMO_START = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-"""Market time of the demo's first command (a verdict window starts here)."""
+DEMO_START = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+"""Market time of the demo's first command (a verdict window starts here). The simulated
+story lies in the past, so the live part that follows runs at the real time."""
 HEARTBEAT_STEP_S = 5
 USAGE_STEP_S = 60
 ASSET = "AETH"
@@ -45,7 +50,7 @@ def _id(name: str) -> UUID:
 
 
 def _key(name: str) -> str:
-    return uuid5(NAMESPACE_URL, f"aether-demo-key:{name}").hex * 2
+    return node_key(name).public_key_hex
 
 
 def _address(name: str) -> str:
@@ -59,8 +64,12 @@ def _aeth(amount: int) -> str:
 @dataclass
 class _Clock:
     now: datetime = DEMO_START
+    live: bool = False
+    """From the live part on: the real time."""
 
     def __call__(self) -> datetime:
+        if self.live:
+            self.now = datetime.now(UTC)
         return self.now
 
 
@@ -140,6 +149,11 @@ def run_demo(settings: Settings) -> int:
         print(f"market time starts at {DEMO_START.isoformat()} (simulated)\n")
         demo = _Demo(market.service, clock)
         _run(demo)
+        if demo.quiet:
+            print("(the live part ran the first time: its workers are not started again)")
+            _name_live_part(demo)
+        else:
+            _live(demo, market, settings)
         with open_views(market.ledger.app, market.app) as views:
             balanced = _print_views(views, demo.names, clock.now, rules)
         if demo.quiet:
@@ -315,6 +329,54 @@ def _run(demo: _Demo) -> None:
     demo.heading("\nalice ends her lease; the unused escrow returns to her")
     demo.send("close:alice", m.CloseLease, alice, CloseReason.consumer, _id("consumer:alice"))
     demo.say(f"alice's lease closed, {_aeth(demo._lease(alice).escrow_released)} released")
+
+
+def _name_live_part(demo: _Demo) -> None:
+    """Names of what the live part created (for the tables of a rerun that skips it)."""
+    demo.names[_id("provider:cirrus")] = "cirrus"
+    lease_id = lease_id_for(_id("ask:cirrus"), _id("bid:bob-cheap"))
+    demo.names[lease_id] = "lease bob/cirrus"
+
+
+def _live(demo: _Demo, market: Market, settings: Settings) -> None:
+    """Real workers through the broker, at the real time (see workers/live.py)."""
+    demo.clock.live = True
+    names = demo.names
+    demo.heading(
+        "\nlive: a GPU worker, ingest and a checker through the Kafka-protocol broker, "
+        "at the real time"
+    )
+    node = Node(_id("node:cirrus-1"), "H100", 2, 81_920, "eu-north", _key("cirrus-1"))
+    pid = _id("provider:cirrus")
+    names[pid] = "cirrus"
+    demo.send("register:cirrus", m.RegisterProvider, pid, _address("cirrus"), (node,))
+    demo.send("bond:cirrus", m.BondStake, pid, 2 * demo.service.rules.stake.stake_per_gpu["H100"])
+    ask = _ask("ask:cirrus", "cirrus", node, 2, units(22, 17), demo.clock())
+    handled = demo.send("ask:cirrus", m.PlaceAsk, ask)
+    (lease_id,) = handled.lease_ids
+    lease = demo._lease(lease_id)
+    names[lease_id] = f"lease {names[lease.consumer_id]}/cirrus"
+    demo.say(
+        f"cirrus lists 2 x H100 in eu-north and asks {_aeth(ask.price_per_gpu_hour)}/GPU-hour: "
+        f"it fills {names[lease.consumer_id]}'s resting bid, a lease opens now"
+    )
+    with kafka_from(settings.kafka_bootstrap_servers) as kafka:
+        usage = UsageApplication(
+            market.ledger.app.app_recorder.datastore, env=market.ledger.app.env
+        )
+        result = asyncio.run(
+            run_live(
+                demo.service,
+                usage,
+                kafka,
+                lease_id=lease_id,
+                node=node,
+                key=node_key("cirrus-1"),
+                checker_id=_id("checker:kestrel"),
+                say=demo.say,
+            )
+        )
+    describe(result, demo.say)
 
 
 def _ask(name: str, provider: str, node: Node, gpus: int, price: int, now: datetime) -> Ask:

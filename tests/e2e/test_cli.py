@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def cli_env(database_url: str, schema: str) -> dict[str, str]:
 
 
 TRIAL_BALANCE = (
-    "trial balance AETH: debits 904.533333333333333322 = credits 904.533333333333333322"
+    "trial balance AETH: debits 1,108.933333333333333322 = credits 1,108.933333333333333322"
     "  (pending 0 = 0)  BALANCED"
 )
 
@@ -53,9 +54,31 @@ def test_the_demo_runs_a_market_from_stake_to_slash_and_prints_balanced_books(
     )
     assert "alice refunded 1 AETH out of the slash" in out
     assert "marten, contradicted by the quorum, loses 1 AETH of its stake" in out
-    assert "  ask       2.5 AETH: 3\n  bid       2.4 AETH: 3\n" in out
-    assert "spread 0.1 AETH: the book does not cross" in out
     assert TRIAL_BALANCE in out
+
+
+def test_the_demos_live_part_runs_a_gpu_worker_ingest_and_a_checker_through_the_broker(
+    cli_env, tmp_path
+) -> None:
+    run = aether("demo", env=cli_env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "it fills bob's resting bid, a lease opens now" in out
+    done = re.search(
+        r"worker done: ([\d,]+) training steps, (\d+) usage reports, (\d+) heartbeats", out
+    )
+    assert done is not None, out
+    steps, reports, beats = (int(g.replace(",", "")) for g in done.groups())
+    assert steps > 0 and reports >= 2 and beats >= 2
+    # Every report the worker sent is recorded, once; every heartbeat reached the lease.
+    assert f"ingest recorded {reports} of {reports} usage reports" in out
+    assert f"heartbeats recorded on the lease: {beats} (of {beats} sent)" in out
+    assert (
+        "dead-lettered with their reasons: malformed 1, replayed 1, signature_invalid 1, "
+        "unsigned 1" in out
+    )
+    assert re.search(r"the checker saw \d+ heartbeats of the node", out)
+    assert "lease bob/cirrus         open        2        4.4" in out
 
 
 def test_running_the_demo_twice_records_nothing_twice(cli_env, tmp_path) -> None:

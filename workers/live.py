@@ -1,0 +1,222 @@
+"""The live part of `aether demo`: real workers through the broker, in real time.
+
+A new provider lists a node whose key is a real Ed25519 key; its ask fills a resting bid
+and opens a lease at the current time. Then, all in one process on one event loop: a GPU
+worker runs a real torch training loop for the lease (CPU here, CUDA when present), meters
+it and sends signed usage reports and heartbeats to Kafka; ingest consumes them, verifies
+the signatures, records the usage events (with the consumed offsets, in one transaction)
+and the heartbeats; a checker observes the node from the same topics. A forged, a replayed,
+an unsigned and a malformed message are then injected: each lands in the dead-letter topic
+with its reason, and nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+from aiokafka import AIOKafkaProducer
+
+from domain.lease import Lease
+from domain.providers import Node
+from ledger.market import service as m
+from ledger.usage import UsageApplication
+from workers.broker import USAGE
+from workers.checker import Checker, CheckerRules, p99_ms
+from workers.gpu_worker import GpuWorker, sign_report
+from workers.ingest import Ingest
+from workers.messages import USAGE_TYPE, UsageReport, encode, envelope
+from workers.signing import NodeKey
+from workers.workloads import WorkloadKind, make_workload
+
+log = logging.getLogger(__name__)
+
+LIVE_SECONDS = 8.0
+"""How long the GPU worker runs."""
+REPORT_INTERVAL_S = 2.0
+HEARTBEAT_INTERVAL_S = 1.0
+INGEST_GROUP = "aether-demo-ingest"
+INGEST_SESSION_TIMEOUT_MS = 3_000
+
+
+def node_key(name: str) -> NodeKey:
+    """The demo's deterministic Ed25519 key of a node (a real node keeps its own secret)."""
+    return NodeKey.from_seed(hashlib.sha256(f"aether-demo-node:{name}".encode()).digest())
+
+
+@dataclass
+class LiveResult:
+    lease: Lease
+    steps: int
+    reports: int
+    heartbeats_sent: int
+    usage_recorded: int
+    samples: int
+    flops: int
+    device_time_us: int
+    dead_letters: dict[str, int]
+    checker_heartbeats: int
+    checker_delay_p99_ms: int
+
+
+class _RealClock:
+    def __call__(self) -> datetime:
+        return datetime.now(UTC)
+
+
+async def run_live(
+    service: m.Marketplace,
+    usage: UsageApplication,
+    kafka: str,
+    *,
+    lease_id: UUID,
+    node: Node,
+    key: NodeKey,
+    checker_id: UUID,
+    say: Any,
+) -> LiveResult:
+    """Run the worker, ingest and a checker concurrently, then inject bad messages."""
+    lease = service.lease(lease_id)
+    assert lease is not None
+    ingest = Ingest(
+        kafka, INGEST_GROUP, usage, service, session_timeout_ms=INGEST_SESSION_TIMEOUT_MS
+    )
+    checker = Checker(
+        checker_id,
+        {node.node_id: lease.provider_id},
+        kafka,
+        rules=CheckerRules(heartbeat_interval_s=int(HEARTBEAT_INTERVAL_S)),
+        verdict_rules=service.rules.verdicts,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", enable_idempotence=False)
+    await producer.start()
+    stop = asyncio.Event()
+    started = datetime.now(UTC)
+    await ingest.start()
+    ingest_task = asyncio.create_task(ingest.run(stop))
+    checker_task = asyncio.create_task(
+        checker.run(start_at=started - timedelta(seconds=5), stop=stop)
+    )
+    try:
+        workload = make_workload(WorkloadKind.train, seed=7)
+        worker = GpuWorker(
+            lease_id,
+            node.node_id,
+            key,
+            workload,
+            producer,
+            gpu_count=lease.gpu_count,
+            report_interval_s=REPORT_INTERVAL_S,
+            heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+        )
+        say(
+            f"GPU worker on {node.gpu_model} node {str(node.node_id)[:8]}: torch training "
+            f"on {workload.device} for {LIVE_SECONDS:.0f} s, a signed usage report every "
+            f"{REPORT_INTERVAL_S:.0f} s, a heartbeat every {HEARTBEAT_INTERVAL_S:.0f} s"
+        )
+        summary = await worker.run(seconds_max=LIVE_SECONDS)
+        say(
+            f"worker done: {summary.steps:,} training steps, {summary.usage_reports} usage "
+            f"reports, {summary.heartbeats} heartbeats sent"
+        )
+        await _inject(producer, lease, node, key, say)
+        for _ in range(200):
+            recorded = len(usage.usage_of_lease(lease_id))
+            if recorded >= summary.usage_reports and ingest.stats.dead_lettered >= 4:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.gather(ingest_task, checker_task, return_exceptions=True)
+        await ingest.stop()
+        await producer.stop()
+    service.refresh()
+    events = usage.usage_of_lease(lease_id)
+    seen = [o for (n, _), o in checker.open.items() if n == node.node_id]
+    current = service.lease(lease_id)
+    assert current is not None
+    return LiveResult(
+        lease=current,
+        steps=summary.steps,
+        reports=summary.usage_reports,
+        heartbeats_sent=summary.heartbeats,
+        usage_recorded=len(events),
+        samples=sum(e.samples for e in events),
+        flops=sum(e.flops for e in events),
+        device_time_us=sum(e.device_time_us for e in events),
+        dead_letters=dict(ingest.stats.reasons),
+        checker_heartbeats=sum(o.heartbeats for o in seen),
+        checker_delay_p99_ms=p99_ms([d for o in seen for d in o.delays_ms]),
+    )
+
+
+async def _inject(
+    producer: AIOKafkaProducer, lease: Lease, node: Node, key: NodeKey, say: Any
+) -> None:
+    """A forged, a replayed, an unsigned and a malformed message on the usage topic."""
+    now = datetime.now(UTC)
+    report = UsageReport(
+        lease_id=lease.id,
+        node_id=node.node_id,
+        sequence=1,
+        interval_start=now - timedelta(seconds=1),
+        interval_end=now,
+        gpu_count=lease.gpu_count,
+        wall_time_us=1_000_000,
+        device_time_us=1_000_000,
+        flops=10**12,
+        samples=1_000,
+        tokens=0,
+        steps=10,
+        peak_memory_bytes=1 << 20,
+        workload="forged",
+        device="cpu",
+    )
+    thief = NodeKey.from_seed(b"\x01" * 32)
+    bad: list[tuple[str, bytes]] = [
+        (
+            "forged: signed by a key the provider never registered",
+            _message(sign_report(report, thief), lease, node),
+        ),
+        (
+            "replayed: sequence 1 again, under a new id",
+            _message(sign_report(report, key), lease, node),
+        ),
+        ("unsigned", _message(report, lease, node)),
+        ("malformed: not JSON", b"{this is not json"),
+    ]
+    for what, value in bad:
+        await producer.send_and_wait(USAGE.name, value, key=str(lease.id).encode())
+        say(f"injected a bad usage message ({what})")
+
+
+def _message(report: UsageReport, lease: Lease, node: Node) -> bytes:
+    return encode(
+        envelope(
+            uuid4(), USAGE_TYPE, f"node/{node.node_id}", str(lease.id), datetime.now(UTC), report
+        )
+    )
+
+
+def describe(result: LiveResult, say: Any) -> None:
+    say(
+        f"ingest recorded {result.usage_recorded} of {result.reports} usage reports "
+        f"(exactly once, with their Kafka offsets): {result.samples:,} samples, "
+        f"{result.flops:,} FLOPs, {result.device_time_us / 1e6:.2f} device-seconds"
+    )
+    say(
+        f"heartbeats recorded on the lease: {result.lease.heartbeat_sequence} "
+        f"(of {result.heartbeats_sent} sent)"
+    )
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.dead_letters.items())) or "none"
+    say(f"dead-lettered with their reasons: {reasons}")
+    say(
+        f"the checker saw {result.checker_heartbeats} heartbeats of the node this window, "
+        f"p99 arrival delay {result.checker_delay_p99_ms} ms; its verdict comes when the "
+        "window closes"
+    )
