@@ -149,7 +149,12 @@ class Checker:
         *,
         rules: CheckerRules | None = None,
         verdict_rules: VerdictRules | None = None,
+        heartbeat_topic: str = HEARTBEATS.name,
+        usage_topic: str = USAGE.name,
+        verdict_topic: str = VERDICTS.name,
     ) -> None:
+        self.topics = (heartbeat_topic, usage_topic)
+        self.verdict_topic = verdict_topic
         self.checker_id = checker_id
         self.node_providers = dict(node_providers)
         self.bootstrap_servers = bootstrap_servers
@@ -220,7 +225,7 @@ class Checker:
             await consumer.topics()  # fetches the topics' metadata
             partitions = [
                 TopicPartition(topic, p)
-                for topic in (HEARTBEATS.name, USAGE.name)
+                for topic in self.topics
                 for p in sorted(consumer.partitions_for_topic(topic) or ())
             ]
             consumer.assign(partitions)
@@ -264,7 +269,7 @@ class Checker:
             verdict,
         )
         await producer.send_and_wait(
-            VERDICTS.name, encode(message), key=str(verdict.node_id).encode()
+            self.verdict_topic, encode(message), key=str(verdict.node_id).encode()
         )
         self.sent.append(verdict)
         log.info(

@@ -116,7 +116,14 @@ class GpuWorker:
         report_interval_s: float = REPORT_INTERVAL_S_DEFAULT,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S_DEFAULT,
         clock: Clock = utc_now,
+        *,
+        usage_topic: str = USAGE.name,
+        heartbeat_topic: str = HEARTBEATS.name,
     ) -> None:
+        """`usage_topic` and `heartbeat_topic`: where the reports go (the standard topics
+        unless a test or demo isolates itself on a shared broker)."""
+        self._usage_topic = usage_topic
+        self._heartbeat_topic = heartbeat_topic
         if not REPORT_INTERVAL_S_MIN <= report_interval_s <= REPORT_INTERVAL_S_MAX:
             raise ValueError(
                 f"lease {lease_id}: report_interval_s is {REPORT_INTERVAL_S_MIN} to "
@@ -205,14 +212,18 @@ class GpuWorker:
         )
 
     async def _send_usage(self, report: UsageReport) -> None:
-        await self._send(USAGE.name, USAGE_TYPE, report.sequence, sign_report(report, self._key))
+        await self._send(
+            self._usage_topic, USAGE_TYPE, report.sequence, sign_report(report, self._key)
+        )
 
     async def _send_heartbeat(self) -> None:
         sequence = self._heartbeat_sequence_next
         report = HeartbeatReport(
             lease_id=self._lease_id, node_id=self._node_id, sequence=sequence, at=self._clock()
         )
-        await self._send(HEARTBEATS.name, HEARTBEAT_TYPE, sequence, sign_report(report, self._key))
+        await self._send(
+            self._heartbeat_topic, HEARTBEAT_TYPE, sequence, sign_report(report, self._key)
+        )
         self._heartbeat_sequence_next += 1
 
     async def _send(

@@ -26,10 +26,10 @@ from domain.lease import Lease
 from domain.providers import Node
 from ledger.market import service as m
 from ledger.usage import UsageApplication
-from workers.broker import USAGE
+from workers.broker import create_topics
 from workers.checker import Checker, CheckerRules, p99_ms
 from workers.gpu_worker import GpuWorker, sign_report
-from workers.ingest import Ingest
+from workers.ingest import Ingest, IngestTopics
 from workers.messages import USAGE_TYPE, UsageReport, encode, envelope
 from workers.signing import NodeKey
 from workers.workloads import WorkloadKind, make_workload
@@ -83,8 +83,18 @@ async def run_live(
     """Run the worker, ingest and a checker concurrently, then inject bad messages."""
     lease = service.lease(lease_id)
     assert lease is not None
+    # Topics of this run's own ("aether.usage.<run>", ...): a shared broker may hold other
+    # markets' messages (with the demo's deterministic ids), which are not this market's.
+    run = uuid4().hex[:8]
+    topics = IngestTopics().suffixed(run)
+    await create_topics(kafka, topics.all())
     ingest = Ingest(
-        kafka, INGEST_GROUP, usage, service, session_timeout_ms=INGEST_SESSION_TIMEOUT_MS
+        kafka,
+        f"{INGEST_GROUP}-{run}",
+        usage,
+        service,
+        topics=topics,
+        session_timeout_ms=INGEST_SESSION_TIMEOUT_MS,
     )
     checker = Checker(
         checker_id,
@@ -92,6 +102,9 @@ async def run_live(
         kafka,
         rules=CheckerRules(heartbeat_interval_s=int(HEARTBEAT_INTERVAL_S)),
         verdict_rules=service.rules.verdicts,
+        heartbeat_topic=topics.heartbeats.name,
+        usage_topic=topics.usage.name,
+        verdict_topic=topics.verdicts.name,
     )
     producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", enable_idempotence=False)
     await producer.start()
@@ -113,6 +126,8 @@ async def run_live(
             gpu_count=lease.gpu_count,
             report_interval_s=REPORT_INTERVAL_S,
             heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+            usage_topic=topics.usage.name,
+            heartbeat_topic=topics.heartbeats.name,
         )
         say(
             f"GPU worker on {node.gpu_model} node {str(node.node_id)[:8]}: torch training "
@@ -124,7 +139,7 @@ async def run_live(
             f"worker done: {summary.steps:,} training steps, {summary.usage_reports} usage "
             f"reports, {summary.heartbeats} heartbeats sent"
         )
-        await _inject(producer, lease, node, key, say)
+        await _inject(producer, topics.usage.name, lease, node, key, say)
         for _ in range(200):
             recorded = len(usage.usage_of_lease(lease_id))
             if recorded >= summary.usage_reports and ingest.stats.dead_lettered >= 4:
@@ -156,7 +171,7 @@ async def run_live(
 
 
 async def _inject(
-    producer: AIOKafkaProducer, lease: Lease, node: Node, key: NodeKey, say: Any
+    producer: AIOKafkaProducer, topic: str, lease: Lease, node: Node, key: NodeKey, say: Any
 ) -> None:
     """A forged, a replayed, an unsigned and a malformed message on the usage topic."""
     now = datetime.now(UTC)
@@ -191,7 +206,7 @@ async def _inject(
         ("malformed: not JSON", b"{this is not json"),
     ]
     for what, value in bad:
-        await producer.send_and_wait(USAGE.name, value, key=str(lease.id).encode())
+        await producer.send_and_wait(topic, value, key=str(lease.id).encode())
         say(f"injected a bad usage message ({what})")
 
 
