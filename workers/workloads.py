@@ -205,25 +205,50 @@ def _token_batches(
     return batches
 
 
-class TrainingWorkload:
-    """Training steps of `EncoderClassifier` with AdamW (forward, backward, optimizer step)."""
+class _EncoderWorkload:
+    """What the encoder's training and inference workloads share: the seeded model on its
+    device and a fixed pool of token batches (made on the device up front)."""
 
-    def __init__(self, size: WorkloadSize, seed: int, device: torch.device | None = None) -> None:
+    kind = ""
+    """"train" or "infer": the first part of the workload's name."""
+
+    def __init__(
+        self,
+        size: WorkloadSize,
+        seed: int,
+        device: torch.device | None,
+        lengths: tuple[int, ...],
+    ) -> None:
         self._device = device or default_device()
         self._size = ENCODER_SIZES[size]
         self._model = _seeded(lambda: EncoderClassifier(self._size), seed).to(self._device)
-        self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=LEARNING_RATE)
-        self._batches = _token_batches(self._size, (self._size.seq_len,), seed + 1, self._device)
+        self._batches = _token_batches(self._size, lengths, seed + 1, self._device)
         self._next = 0
-        self._loss: torch.Tensor | None = None
 
     @property
     def name(self) -> str:
-        return f"train/encoder-{self._size.d_model}x{self._size.layers}"
+        return f"{self.kind}/encoder-{self._size.d_model}x{self._size.layers}"
 
     @property
     def device(self) -> torch.device:
         return self._device
+
+    def _next_tokens(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        ids, labels = self._batches[self._next % DATA_POOL_BATCHES]
+        self._next += 1
+        samples, length = ids.shape
+        return ids, labels, samples, samples * length
+
+
+class TrainingWorkload(_EncoderWorkload):
+    """Training steps of `EncoderClassifier` with AdamW (forward, backward, optimizer step)."""
+
+    kind = "train"
+
+    def __init__(self, size: WorkloadSize, seed: int, device: torch.device | None = None) -> None:
+        super().__init__(size, seed, device, (ENCODER_SIZES[size].seq_len,))
+        self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=LEARNING_RATE)
+        self._loss: torch.Tensor | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -235,10 +260,8 @@ class TrainingWorkload:
         return self._loss
 
     def next_batch(self) -> Batch:
-        ids, labels = self._batches[self._next % DATA_POOL_BATCHES]
-        self._next += 1
-        samples, length = ids.shape
-        return Batch(inputs=ids, targets=labels, samples=samples, tokens=samples * length)
+        ids, labels, samples, tokens = self._next_tokens()
+        return Batch(inputs=ids, targets=labels, samples=samples, tokens=tokens)
 
     def run(self, batch: Batch) -> None:
         assert batch.targets is not None, "a training batch has targets"
@@ -250,36 +273,24 @@ class TrainingWorkload:
         self._loss = loss.detach()
 
 
-class InferenceWorkload:
+class InferenceWorkload(_EncoderWorkload):
     """Batched forward passes of `EncoderClassifier` under `torch.inference_mode()`."""
 
+    kind = "infer"
+
     def __init__(self, size: WorkloadSize, seed: int, device: torch.device | None = None) -> None:
-        self._device = device or default_device()
-        self._size = ENCODER_SIZES[size]
-        self._model = _seeded(lambda: EncoderClassifier(self._size), seed).to(self._device)
+        seq_len = ENCODER_SIZES[size].seq_len
+        super().__init__(size, seed, device, tuple(seq_len // d for d in INFERENCE_LENGTH_BUCKETS))
         self._model.eval()
-        lengths = tuple(self._size.seq_len // d for d in INFERENCE_LENGTH_BUCKETS)
-        self._batches = _token_batches(self._size, lengths, seed + 1, self._device)
-        self._next = 0
         self._predictions: torch.Tensor | None = None
-
-    @property
-    def name(self) -> str:
-        return f"infer/encoder-{self._size.d_model}x{self._size.layers}"
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     @property
     def last_predictions(self) -> torch.Tensor | None:
         return self._predictions
 
     def next_batch(self) -> Batch:
-        ids, _ = self._batches[self._next % DATA_POOL_BATCHES]
-        self._next += 1
-        samples, length = ids.shape
-        return Batch(inputs=ids, targets=None, samples=samples, tokens=samples * length)
+        ids, _, samples, tokens = self._next_tokens()
+        return Batch(inputs=ids, targets=None, samples=samples, tokens=tokens)
 
     def run(self, batch: Batch) -> None:
         with torch.inference_mode():
