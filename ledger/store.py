@@ -25,6 +25,7 @@ from eventsourcing.persistence import (
     InterfaceError,
     Mapper,
     OperationalError,
+    ProgrammingError,
     StoredEvent,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
@@ -92,12 +93,15 @@ class AppendOnlyRecorder(PostgresApplicationRecorder):
     def create_table(self) -> None:
         # The library creates the composite type in its own transaction first; two processes
         # starting together can both try, and the loser gets a unique violation on pg_type
-        # (not the DuplicateObject the library expects). Trying again finds it created.
+        # or "relation ... already exists" (DuplicateTable), not the DuplicateObject the
+        # library expects. Trying again finds it created.
         for attempt in range(CREATE_TABLE_ATTEMPTS_MAX):
             try:
                 super().create_table()
                 return
-            except (IntegrityError, OperationalError):
+            except (IntegrityError, OperationalError, ProgrammingError) as e:
+                if isinstance(e, ProgrammingError) and "already exists" not in str(e):
+                    raise
                 if attempt == CREATE_TABLE_ATTEMPTS_MAX - 1:
                     raise
                 time.sleep(0.05 * (attempt + 1))
