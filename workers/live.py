@@ -41,6 +41,10 @@ LIVE_SECONDS = 8.0
 REPORT_INTERVAL_S = 2.0
 HEARTBEAT_INTERVAL_S = 1.0
 INGEST_GROUP = "aether-demo-ingest"
+CATCH_UP_POLLS_MAX = 300
+CATCH_UP_POLL_S = 0.1
+"""How long the demo waits for ingest to have everything: at most 30 s."""
+INJECTED = ("forged", "replayed", "unsigned", "malformed")
 INGEST_SESSION_TIMEOUT_MS = 3_000
 
 
@@ -140,11 +144,17 @@ async def run_live(
             f"reports, {summary.heartbeats} heartbeats sent"
         )
         await _inject(producer, topics.usage.name, lease, node, key, say)
-        for _ in range(200):
+        for _ in range(CATCH_UP_POLLS_MAX):
             recorded = len(usage.usage_of_lease(lease_id))
-            if recorded >= summary.usage_reports and ingest.stats.dead_lettered >= 4:
+            beating = service.lease(lease_id)
+            beats = 0 if beating is None else beating.heartbeat_sequence
+            if (
+                recorded >= summary.usage_reports
+                and beats >= summary.heartbeats
+                and ingest.stats.dead_lettered >= len(INJECTED)
+            ):
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(CATCH_UP_POLL_S)
     finally:
         stop.set()
         await asyncio.gather(ingest_task, checker_task, return_exceptions=True)
