@@ -49,7 +49,8 @@ import copy
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
@@ -414,19 +415,21 @@ class Handled:
 class MarketState:
     """Everything the rules need, folded from the log. Mutated only by `apply`."""
 
-    providers: dict[UUID, Provider] = field(default_factory=dict)
-    stakes: dict[UUID, ProviderStake] = field(default_factory=dict)
+    providers: MutableMapping[UUID, Provider] = field(default_factory=dict)
+    stakes: MutableMapping[UUID, ProviderStake] = field(default_factory=dict)
     books: dict[str, OrderBook] = field(default_factory=dict)
-    leases: dict[UUID, Lease] = field(default_factory=dict)
+    leases: MutableMapping[UUID, Lease] = field(default_factory=dict)
     verdicts: VerdictState = field(default_factory=VerdictState)
-    deposits: dict[UUID, funds.DepositConfirmed] = field(default_factory=dict)
-    checker_stake_left: dict[UUID, int] = field(default_factory=dict)
+    deposits: MutableMapping[UUID, funds.DepositConfirmed] = field(default_factory=dict)
+    checker_stake_left: MutableMapping[UUID, int] = field(default_factory=dict)
     refunds: list[slashing.ConsumerRefunded] = field(default_factory=list)
-    commands: dict[UUID, CommandHandled] = field(default_factory=dict)
-    versions: dict[UUID, int] = field(default_factory=dict)
-    node_provider: dict[UUID, UUID] = field(default_factory=dict)
-    leases_by_node: dict[UUID, list[UUID]] = field(default_factory=dict)
-    order_models: dict[UUID, str] = field(default_factory=dict)
+    commands: MutableMapping[UUID, CommandHandled] = field(default_factory=dict)
+    versions: MutableMapping[UUID, int] = field(default_factory=dict)
+    node_provider: MutableMapping[UUID, UUID] = field(default_factory=dict)
+    node_keys: MutableMapping[str, UUID] = field(default_factory=dict)
+    """Node signing key -> the provider that listed it (keys are unique across providers)."""
+    leases_by_node: MutableMapping[UUID, tuple[UUID, ...]] = field(default_factory=dict)
+    order_models: MutableMapping[UUID, str] = field(default_factory=dict)
     """Order (ask or bid) id -> the GPU model of its book."""
     position: int = 0
     """Notification id of the last marketplace event applied."""
@@ -445,6 +448,7 @@ class MarketState:
             self.providers[fact.provider_id] = provider
             for node in provider.nodes:
                 self.node_provider[node.node_id] = provider.provider_id
+                self.node_keys[node.public_key] = provider.provider_id
         elif isinstance(fact, stake.Fact):
             self.stakes[fact.provider_id] = stake.apply(self.stake_of(fact.provider_id), fact)
         elif isinstance(fact, orderbook.OrderBookFact):
@@ -458,7 +462,9 @@ class MarketState:
         elif isinstance(fact, lease.LeaseFact):
             updated = lease.apply(self.leases.get(fact.lease_id), fact)
             if fact.lease_id not in self.leases:
-                self.leases_by_node.setdefault(updated.node_id, []).append(updated.id)
+                # Replaced, never appended to: a staged view must not change the base's.
+                known = self.leases_by_node.get(updated.node_id, ())
+                self.leases_by_node[updated.node_id] = (*known, updated.id)
             self.leases[fact.lease_id] = updated
         elif isinstance(fact, verdicts.Fact):
             self.verdicts = verdicts.apply(self.verdicts, fact)
@@ -481,7 +487,7 @@ class MarketState:
         return sorted(keys, key=lambda k: (k[1], str(k[0])))
 
 
-def _book_model(fact: orderbook.OrderBookFact, order_models: dict[UUID, str]) -> str:
+def _book_model(fact: orderbook.OrderBookFact, order_models: Mapping[UUID, str]) -> str:
     if isinstance(fact, orderbook.AskPlaced):
         return fact.ask.gpu_model
     if isinstance(fact, orderbook.BidPlaced):
@@ -504,22 +510,26 @@ class _Work:
         self.command_id = command_id
         self.now = now
         self.rules = rules
-        # Staged copies: immutable aggregates are replaced, order books are copied on first
-        # touch (their decisions mutate them).
+        # A staged view: every mapping is an overlay (ChainMap) whose writes stay in the
+        # overlay and whose reads fall through to the live state, so staging a command
+        # costs what it touches, not the size of the market, and leaves the live state as
+        # it was until commit. The aggregates are immutable values, replaced on change;
+        # order books are copied on first touch (their decisions mutate them).
         self.staged = MarketState(
-            providers=dict(state.providers),
-            stakes=dict(state.stakes),
+            providers=ChainMap({}, state.providers),
+            stakes=ChainMap({}, state.stakes),
             books={},
-            leases=dict(state.leases),
+            leases=ChainMap({}, state.leases),
             verdicts=state.verdicts,
-            deposits=state.deposits,
-            checker_stake_left=dict(state.checker_stake_left),
+            deposits=ChainMap({}, state.deposits),
+            checker_stake_left=ChainMap({}, state.checker_stake_left),
             refunds=[],
             commands={},
-            versions={},
-            node_provider=dict(state.node_provider),
-            leases_by_node={k: list(v) for k, v in state.leases_by_node.items()},
-            order_models=dict(state.order_models),
+            versions=ChainMap({}, state.versions),
+            node_provider=ChainMap({}, state.node_provider),
+            node_keys=ChainMap({}, state.node_keys),
+            leases_by_node=ChainMap({}, state.leases_by_node),
+            order_models=ChainMap({}, state.order_models),
         )
         self.facts: list[tuple[UUID, int, Any]] = []
         self.transfers: list[NewTransfer] = []
@@ -536,8 +546,7 @@ class _Work:
         return book
 
     def version(self, stream_id: UUID) -> int:
-        staged = self.staged.versions.get(stream_id)
-        return staged if staged is not None else self.base.versions.get(stream_id, 0)
+        return self.staged.versions.get(stream_id, 0)
 
     def record(self, stream_id: UUID, fact: Any, *, book_applied: bool = False) -> None:
         """Record a fact in a stream: stage it and translate it into ledger postings.
@@ -749,8 +758,6 @@ class Marketplace:
             stream, version = event.originator_id, event.originator_version
             if version > self.state.versions.get(stream, 0):
                 assert version == self.state.versions.get(stream, 0) + 1, (stream, version)
-                if isinstance(event.fact, orderbook.OrderBookFact):
-                    self.state.books.get(_book_model(event.fact, self.state.order_models))
                 self.state.apply(stream, version, event.fact)
             self.state.position = position
 
@@ -937,15 +944,15 @@ class Marketplace:
     def _check_keys_unused(self, work: _Work, provider_id: UUID, nodes: Iterable[Node]) -> None:
         """A node's signing key names the node everywhere: unique across providers."""
         for node in nodes:
-            for other in work.staged.providers.values():
-                if other.provider_id == provider_id:
-                    continue
-                for theirs in other.nodes:
-                    if theirs.public_key == node.public_key or theirs.node_id == node.node_id:
-                        raise RuleRefusedError(
-                            providers.ListNodeResult.public_key_in_use,
-                            f"node {node.node_id}: id or key used by provider {other.provider_id}",
-                        )
+            for owner in (
+                work.staged.node_keys.get(node.public_key),
+                work.staged.node_provider.get(node.node_id),
+            ):
+                if owner is not None and owner != provider_id:
+                    raise RuleRefusedError(
+                        providers.ListNodeResult.public_key_in_use,
+                        f"node {node.node_id}: id or key used by provider {owner}",
+                    )
 
     def _place_ask(self, work: _Work, ask: Ask) -> None:
         provider = self._provider(work, ask.provider_id)

@@ -435,3 +435,42 @@ def test_heartbeats_and_expiries_keep_time_moving_forward(market):
     market.tick()
     assert market.service.lease(lease_id).close_reason is CloseReason.expiry
     books_balance(market)
+
+
+def test_staging_a_command_leaves_the_live_state_as_it_was(market):
+    """A command's decisions are staged over the live state; nothing of them reaches it
+    before commit (the staged deposits once were the live dict itself)."""
+    (lease_id,) = open_lease(market).lease_ids
+    state = market.service.state
+    before = (
+        dict(state.deposits),
+        dict(state.leases),
+        dict(state.leases_by_node),
+        dict(state.versions),
+        dict(state.node_keys),
+    )
+    work = m._Work(state, uuid4(), market.clock.now, market.service.rules)
+    work.record(uuid4(), m.funds.DepositConfirmed(uuid4(), uid("c9"), 5, "0xab:1", work.now))
+    closed = m.lease.close(
+        state.leases[lease_id],
+        CloseReason.consumer,
+        uid("c1"),
+        work.now,
+        market.service.rules.lease,
+    )[1]
+    for fact in closed:
+        work.record(lease_id, fact)
+    node = market.node("n7")
+    work.record(
+        uid("p7"), m.providers.ProviderRegistered(uid("p7"), "0x" + "7" * 40, (node,), work.now)
+    )
+    assert work.staged.leases[lease_id].status is LeaseStatus.closed
+    assert uid("p7") in work.staged.providers
+    assert before == (
+        dict(state.deposits),
+        dict(state.leases),
+        dict(state.leases_by_node),
+        dict(state.versions),
+        dict(state.node_keys),
+    )
+    assert uid("p7") not in state.providers
