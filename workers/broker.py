@@ -78,7 +78,9 @@ async def create_topics(bootstrap_servers: str, topics: tuple[Topic, ...] = TOPI
         await admin.close()
 
 
-async def _wait_ready(bootstrap_servers: str, deadline: float) -> None:
+async def wait_ready(bootstrap_servers: str, deadline: float) -> None:
+    """Wait until a broker answers at `bootstrap_servers` (RuntimeError at `deadline`,
+    a time.monotonic() value)."""
     # aiokafka logs every refused connection as an error while the broker starts: quiet.
     client_log = logging.getLogger("aiokafka")
     level = client_log.level
@@ -144,7 +146,7 @@ def embedded_broker(port: int | None = None) -> Iterator[str]:
     )
     bootstrap = f"127.0.0.1:{port}"
     try:
-        asyncio.run(_wait_ready(bootstrap, time.monotonic() + BROKER_START_TIMEOUT_S))
+        asyncio.run(wait_ready(bootstrap, time.monotonic() + BROKER_START_TIMEOUT_S))
         asyncio.run(create_topics(bootstrap))
         log.info("embedded Kafka-protocol broker (Tansu) on %s", bootstrap)
         yield bootstrap
