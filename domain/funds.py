@@ -9,6 +9,11 @@ told apart by `deposit_id` only: whoever confirms them must derive it from the c
 (transaction hash and log index), or one chain event under two ids is credited twice.
 
 Ledger mirror: `DepositConfirmed`: `amount` chain_custody -> consumer_available (deposit).
+
+Settlement and payouts move funds too: `CheckerRewarded` (an epoch's reward to a checker,
+protocol_treasury -> checker_rewards) and `PayoutClaimed` (a provider's claim paid on chain
+against a posted payout root, provider_earnings -> chain_custody), each recorded once: a
+reward per (checker, epoch), a claim per chain event.
 """
 
 from __future__ import annotations
@@ -91,3 +96,121 @@ def confirm_deposit(
         )
         return (r.ok, ()) if same else (r.exists_with_different_fields, ())
     return r.ok, (DepositConfirmed(deposit_id, consumer_id, amount, reference, now),)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckerRewarded:
+    """Fact: settlement paid a checker its share of an epoch's reward pool
+    (`domain.settlement.CheckerReward`): protocol_treasury -> checker_rewards."""
+
+    checker_id: UUID
+    epoch_start: datetime
+    agreed_verdicts: int
+    amount: int
+    """> 0."""
+    rewarded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutClaimed:
+    """Fact: a provider claimed earnings on chain against a posted payout root; the chain
+    paid `amount` (the claim's cumulative amount less what it had claimed before):
+    provider_earnings -> chain_custody."""
+
+    provider_id: UUID
+    epoch: int
+    """The payout root's epoch number the proof was for."""
+    cumulative: int
+    """The cumulative amount claimed by the provider after this claim."""
+    amount: int
+    """> 0: paid by this claim."""
+    reference: str
+    """The chain event, "0x<tx hash>:<log index>"."""
+    claimed_at: datetime
+
+
+class RewardCheckerResult(IntEnum):
+    """Result of `reward_checker`, in the order the rules are checked. Never renumber."""
+
+    ok = 0
+    amount_must_be_positive = 1
+    amount_exceeds_max = 2
+    already_rewarded = 3
+    """This checker was rewarded for this epoch with other fields."""
+
+
+def reward_checker(
+    rewarded: Mapping[tuple[UUID, datetime], CheckerRewarded],
+    checker_id: UUID,
+    epoch_start: datetime,
+    agreed_verdicts: int,
+    amount: int,
+    now: datetime,
+) -> tuple[RewardCheckerResult, tuple[CheckerRewarded, ...]]:
+    """Reward a checker for one epoch, once: the same reward again records nothing."""
+    r = RewardCheckerResult
+    require_uuid("checker_id", checker_id)
+    require_int("amount", amount)
+    require_int("agreed_verdicts", agreed_verdicts)
+    if amount <= 0:
+        return r.amount_must_be_positive, ()
+    if amount > AMOUNT_MAX:
+        return r.amount_exceeds_max, ()
+    existing = rewarded.get((checker_id, epoch_start))
+    if existing is not None:
+        same = (existing.amount, existing.agreed_verdicts) == (amount, agreed_verdicts)
+        return (r.ok, ()) if same else (r.already_rewarded, ())
+    return r.ok, (CheckerRewarded(checker_id, epoch_start, agreed_verdicts, amount, now),)
+
+
+class ClaimPayoutResult(IntEnum):
+    """Result of `claim_payout`, in the order the rules are checked. Never renumber."""
+
+    ok = 0
+    amount_must_be_positive = 1
+    amount_exceeds_max = 2
+    reference_must_not_be_empty = 3
+    reference_exceeds_max_length = 4
+    cumulative_below_claimed = 5
+    """cumulative < what the provider had claimed before + amount."""
+    exists_with_different_fields = 6
+
+
+def claim_payout(
+    claims: Mapping[str, PayoutClaimed],
+    claimed_before: int,
+    provider_id: UUID,
+    epoch: int,
+    cumulative: int,
+    amount: int,
+    reference: str,
+    now: datetime,
+) -> tuple[ClaimPayoutResult, tuple[PayoutClaimed, ...]]:
+    """Record a claim seen on chain, once per chain event (`reference`). `claimed_before`:
+    what the provider's earlier claims paid in all."""
+    r = ClaimPayoutResult
+    require_uuid("provider_id", provider_id)
+    for name, value in (("epoch", epoch), ("cumulative", cumulative), ("amount", amount)):
+        require_int(name, value)
+    if not isinstance(reference, str):
+        raise TypeError(f"reference must be a str, got {reference!r}")
+    if amount <= 0:
+        return r.amount_must_be_positive, ()
+    if amount > AMOUNT_MAX or cumulative > AMOUNT_MAX:
+        return r.amount_exceeds_max, ()
+    if not reference:
+        return r.reference_must_not_be_empty, ()
+    if len(reference) > REFERENCE_LENGTH_MAX:
+        return r.reference_exceeds_max_length, ()
+    existing = claims.get(reference)
+    if existing is not None:
+        same = (existing.provider_id, existing.epoch, existing.cumulative, existing.amount) == (
+            provider_id,
+            epoch,
+            cumulative,
+            amount,
+        )
+        return (r.ok, ()) if same else (r.exists_with_different_fields, ())
+    if cumulative < claimed_before + amount:
+        return r.cumulative_below_claimed, ()
+    return r.ok, (PayoutClaimed(provider_id, epoch, cumulative, amount, reference, now),)

@@ -28,7 +28,11 @@ Escrow
 - `escrow_held`: everything reserved for the lease: the match's escrow plus every top-up.
 - `escrow_charged`: what usage charges drew from it. Always 0 <= charged <= held.
 - `escrow_released`: on close, held - charged goes back to the consumer, exactly; the
-  `LeaseClosed` fact carries it. 0 while the lease is not closed.
+  `LeaseClosed` fact carries it. 0 while the lease is not closed. With settlement
+  (`LeaseRules.release_escrow_at_close` False) the close keeps the escrow
+  (`LeaseClosed.escrow_kept`): the lease serves no more, but settlement may still charge
+  the usage it served, and then releases the rest (`release_escrow` -> `EscrowReleased`).
+  `escrow_final` marks that the release happened: no charge after it.
 - `escrow_available` = held - charged - released.
 
 Top-up (`top_up`). Adds `amount` > 0 to escrow_held and extends `ends_at` by what the extra
@@ -184,6 +188,10 @@ class LeaseRules:
     escrow_grace_s: int = 120
     """With `pause`: how long a paused lease waits for a top-up before it may close;
     0..ESCROW_GRACE_S_MAX."""
+    release_escrow_at_close: bool = True
+    """True: the close releases the unused escrow at once. False (with settlement): the
+    close keeps it, so settlement can still charge the lease's last usage, and settlement
+    releases it (`release_escrow`) once that usage is charged."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -193,6 +201,8 @@ class LeaseRules:
             "escrow_grace_s",
         ):
             require_int(name, getattr(self, name))
+        if type(self.release_escrow_at_close) is not bool:
+            raise TypeError("release_escrow_at_close must be a bool")
         if not isinstance(self.on_escrow_exhausted, EscrowExhaustedAction):
             raise TypeError("on_escrow_exhausted must be an EscrowExhaustedAction")
         if not 1 <= self.heartbeat_interval_s <= HEARTBEAT_INTERVAL_S_MAX:
@@ -297,6 +307,9 @@ class Lease:
     """While paused: when the lease may be closed for escrow_exhausted."""
     close_reason: CloseReason | None = None
     closed_at: datetime | None = None
+    escrow_final: bool = False
+    """The unused escrow went back to the consumer: nothing more may be charged. Set by the
+    close (`release_escrow_at_close`) or by `EscrowReleased`."""
 
     @property
     def escrow_available(self) -> int:
@@ -384,6 +397,10 @@ class UsageCharged:
     amount: int
     """Drawn from escrow: min(amount_requested, escrow available); 0 only when none was."""
     charged_at: datetime
+    withheld: int = 0
+    """Of `amount`: the part not paid to the provider (usage inside a window the checkers
+    failed); it goes to the insurance pool, out of which the slash refunds the consumer.
+    0 <= withheld <= amount."""
 
     @property
     def amount_uncovered(self) -> int:
@@ -419,9 +436,23 @@ class LeaseClosed:
     """Who closed it: the consumer, the provider, or the service acting for the rules."""
     closed_at: datetime
     escrow_released: int
-    """escrow_held - escrow_charged, exactly; >= 0."""
+    """escrow_held - escrow_charged, exactly; >= 0. 0 when `escrow_kept`."""
     downtime_s: int
     """Downtime of a gap still open at the close, from its detection to closed_at."""
+    escrow_kept: bool = False
+    """The unused escrow stays for settlement (`LeaseRules.release_escrow_at_close` False):
+    it goes back by a later `EscrowReleased`."""
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowReleased:
+    """Fact: settlement charged a closed lease's last usage; the unused escrow goes back to
+    the consumer and nothing more may be charged."""
+
+    lease_id: UUID
+    amount: int
+    """escrow_held - escrow_charged, exactly; >= 0."""
+    released_at: datetime
 
 
 LeaseFact = (
@@ -433,6 +464,7 @@ LeaseFact = (
     | LeasePaused
     | LeaseResumed
     | LeaseClosed
+    | EscrowReleased
 )
 """What the lease rules record."""
 
@@ -661,17 +693,28 @@ class ChargeUsageResult(IntEnum):
     usage_ref_must_not_be_empty = 4
     usage_ref_exceeds_max_length = 5
     lease_already_closed = 6
+    """Closed, and its unused escrow was released: nothing more may be charged."""
     escrow_exhausted = 7
     """amount >= escrow available. Comes WITH facts: the charge of what was covered, then a
-    pause or a close as the rules say (none when the lease was paused already)."""
+    pause or a close as the rules say (none when the lease was paused or closed already)."""
+    withheld_out_of_range = 8
+    """withheld < 0 or withheld > amount."""
 
 
 def charge_usage(
-    lease: Lease, amount: int, usage_ref: str, now: datetime, rules: LeaseRules
+    lease: Lease,
+    amount: int,
+    usage_ref: str,
+    now: datetime,
+    rules: LeaseRules,
+    withheld: int = 0,
 ) -> tuple[ChargeUsageResult, tuple[LeaseFact, ...]]:
-    """Draw `amount` from the escrow for the usage `usage_ref`, never below zero."""
+    """Draw `amount` from the escrow for the usage `usage_ref`, never below zero; of it,
+    `withheld` is not the provider's (see `UsageCharged.withheld`). A closed lease whose
+    escrow was kept for settlement still accepts charges until `release_escrow`."""
     r = ChargeUsageResult
     require_int("amount", amount)
+    require_int("withheld", withheld)
     if not isinstance(usage_ref, str):
         raise TypeError(f"usage_ref must be a str, got {usage_ref!r}")
     now = _clock(lease, now)
@@ -685,14 +728,18 @@ def charge_usage(
         return r.usage_ref_must_not_be_empty, ()
     if len(usage_ref) > USAGE_REF_LENGTH_MAX:
         return r.usage_ref_exceeds_max_length, ()
-    if lease.status is LeaseStatus.closed:
+    if lease.escrow_final:
         return r.lease_already_closed, ()
+    if not 0 <= withheld <= amount:
+        return r.withheld_out_of_range, ()
     available = lease.escrow_available
     charged = min(amount, available)
-    charge = UsageCharged(lease.id, usage_ref, amount, charged, now)
+    charge = UsageCharged(lease.id, usage_ref, amount, charged, now, min(withheld, charged))
     facts: list[LeaseFact] = [charge]
     if amount < available:
         return r.ok, tuple(facts)
+    if lease.status is LeaseStatus.closed:
+        return r.escrow_exhausted, tuple(facts)
     if lease.status is LeaseStatus.open:
         if rules.on_escrow_exhausted is EscrowExhaustedAction.close:
             reason = CloseReason.escrow_exhausted
@@ -715,17 +762,41 @@ def _close_facts(
         gap = _downtime(lease, now)
         facts.append(gap)
         lease = apply(lease, gap)
+    keep = not rules.release_escrow_at_close
     facts.append(
         LeaseClosed(
             lease_id=lease.id,
             reason=reason,
             closed_by=by,
             closed_at=now,
-            escrow_released=lease.escrow_held - lease.escrow_charged,
+            escrow_released=0 if keep else lease.escrow_held - lease.escrow_charged,
             downtime_s=_whole_seconds(now - lease.alive_at) if lease.downtime_open else 0,
+            escrow_kept=keep,
         )
     )
     return facts
+
+
+class ReleaseEscrowResult(IntEnum):
+    """Result of `release_escrow`, in the order the rules are checked. Never renumber."""
+
+    ok = 0
+    lease_not_closed = 1
+    escrow_already_released = 2
+
+
+def release_escrow(
+    lease: Lease, now: datetime
+) -> tuple[ReleaseEscrowResult, tuple[LeaseFact, ...]]:
+    """After settlement charged a closed lease's last usage: its unused escrow
+    (held - charged, possibly 0) goes back to the consumer; no charge after it."""
+    r = ReleaseEscrowResult
+    if lease.status is not LeaseStatus.closed:
+        return r.lease_not_closed, ()
+    if lease.escrow_final:
+        return r.escrow_already_released, ()
+    amount = lease.escrow_held - lease.escrow_charged
+    return r.ok, (EscrowReleased(lease.id, amount, _clock(lease, now)),)
 
 
 class CloseResult(IntEnum):
@@ -821,7 +892,9 @@ def apply(lease: Lease | None, fact: LeaseFact) -> Lease:
         return after
     assert lease is not None, f"fact of lease {fact.lease_id} before it opened"
     assert fact.lease_id == lease.id, f"fact of lease {fact.lease_id} applied to {lease.id}"
-    assert lease.status is not LeaseStatus.closed, f"lease {lease.id}: fact after close"
+    assert lease.status is not LeaseStatus.closed or (
+        isinstance(fact, UsageCharged | EscrowReleased) and not lease.escrow_final
+    ), f"lease {lease.id}: fact after close"
     if isinstance(fact, EscrowToppedUp):
         assert fact.amount > 0
         assert fact.ends_at == lease.ends_at + timedelta(seconds=fact.extension_s)
@@ -861,6 +934,7 @@ def apply(lease: Lease | None, fact: LeaseFact) -> Lease:
         )
     elif isinstance(fact, UsageCharged):
         assert 0 <= fact.amount <= fact.amount_requested
+        assert 0 <= fact.withheld <= fact.amount
         assert fact.amount == min(fact.amount_requested, lease.escrow_available)
         after = replace(
             lease,
@@ -881,8 +955,19 @@ def apply(lease: Lease | None, fact: LeaseFact) -> Lease:
         after = replace(
             lease, status=LeaseStatus.open, grace_ends_at=None, updated_at=fact.resumed_at
         )
+    elif isinstance(fact, EscrowReleased):
+        assert lease.status is LeaseStatus.closed and not lease.escrow_final
+        assert fact.amount == lease.escrow_held - lease.escrow_charged
+        after = replace(
+            lease,
+            escrow_released=fact.amount,
+            escrow_final=True,
+            updated_at=max(lease.updated_at, fact.released_at),
+        )
     else:
-        assert fact.escrow_released == lease.escrow_held - lease.escrow_charged
+        assert fact.escrow_released == (
+            0 if fact.escrow_kept else lease.escrow_held - lease.escrow_charged
+        )
         assert fact.downtime_s == 0 or lease.downtime_open
         after = replace(
             lease,
@@ -890,6 +975,7 @@ def apply(lease: Lease | None, fact: LeaseFact) -> Lease:
             close_reason=fact.reason,
             closed_at=fact.closed_at,
             escrow_released=fact.escrow_released,
+            escrow_final=not fact.escrow_kept,
             grace_ends_at=None,
             downtime_s=lease.downtime_s + fact.downtime_s,
             downtime_open=False,
@@ -905,7 +991,8 @@ def _assert_invariants(lease: Lease) -> None:
         f"lease {lease.id}: escrow charged {lease.escrow_charged} of {lease.escrow_held}"
     )
     assert lease.escrow_available >= 0
-    if lease.status is LeaseStatus.closed:
+    if lease.escrow_final:
+        assert lease.status is LeaseStatus.closed
         assert lease.escrow_released == lease.escrow_held - lease.escrow_charged
         assert lease.escrow_available == 0
     else:

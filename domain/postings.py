@@ -47,11 +47,17 @@ Scheme (one fact -> its transfers; amounts are the fact's, never recomputed)
 - `CheckerPenalized`: checker_stake -> insurance_pool (slash).
 - `ConsumerRefunded`: insurance_pool -> consumer_available (refund).
 - `EscrowToppedUp`: consumer_available -> lease_escrow (escrow_hold), posted at once.
-- `UsageCharged`: the drawn `amount` splits into fee = amount * protocol_fee_bps // 10_000
-  (rounded down) and provider = amount - fee, so provider + fee == amount exactly; a linked
-  pair lease_escrow -> provider_earnings (usage_charge) and lease_escrow ->
-  protocol_treasury (protocol_fee). A zero leg is left out; `amount_uncovered` never moves.
-- `LeaseClosed`: escrow_released lease_escrow -> consumer_available (escrow_release).
+- `UsageCharged`: the drawn `amount` splits into withheld (usage the checkers failed:
+  lease_escrow -> insurance_pool, usage_charge; the slash refunds the consumer out of that
+  pool), fee = (amount - withheld) * protocol_fee_bps // 10_000 (rounded down) and provider
+  = amount - withheld - fee, so withheld + provider + fee == amount exactly; linked legs
+  lease_escrow -> provider_earnings (usage_charge) and lease_escrow -> protocol_treasury
+  (protocol_fee). A zero leg is left out; `amount_uncovered` never moves.
+- `LeaseClosed`: escrow_released lease_escrow -> consumer_available (escrow_release); none
+  when the close kept the escrow for settlement.
+- `EscrowReleased`: amount lease_escrow -> consumer_available (escrow_release).
+- `CheckerRewarded`: protocol_treasury -> checker_rewards (checker_reward).
+- `PayoutClaimed`: provider_earnings -> chain_custody (payout): the tokens left on chain.
 - Everything else (placing or cancelling orders, heartbeats, downtime, pauses...) moves no
   money: ().
 
@@ -126,6 +132,8 @@ MarketFact = (
     | book_facts.OrderBookFact
     | lease_facts.LeaseFact
     | funds_facts.DepositConfirmed
+    | funds_facts.CheckerRewarded
+    | funds_facts.PayoutClaimed
     | verdict_facts.CheckerRegistered
     | slashing_facts.CheckerPenalized
     | slashing_facts.ConsumerRefunded
@@ -529,13 +537,20 @@ def postings_for(
             ("at", _at(fact.charged_at)),
         )
         escrow = account_id(AccountCode.lease_escrow, fact.lease_id)
-        fee = rules.fee_of(fact.amount)
+        fee = rules.fee_of(fact.amount - fact.withheld)
         legs = [
+            _Leg(
+                "withheld",
+                escrow,
+                protocol_account_id(AccountCode.insurance_pool),
+                fact.withheld,
+                TransferCode.usage_charge,
+            ),
             _Leg(
                 "provider",
                 escrow,
                 account_id(AccountCode.provider_earnings, who.provider_id),
-                fact.amount - fee,
+                fact.amount - fact.withheld - fee,
                 TransferCode.usage_charge,
             ),
             _Leg(
@@ -547,6 +562,57 @@ def postings_for(
             ),
         ]
         return _transfers(identity, legs, refs, fact.charged_at, rules)
+    if isinstance(fact, funds_facts.CheckerRewarded):
+        refs = (
+            ("fact", "checker_rewarded"),
+            ("checker", str(fact.checker_id)),
+            ("epoch", _at(fact.epoch_start)),
+        )
+        legs = [
+            _Leg(
+                "reward",
+                protocol_account_id(AccountCode.protocol_treasury),
+                account_id(AccountCode.checker_rewards, fact.checker_id),
+                fact.amount,
+                TransferCode.checker_reward,
+            )
+        ]
+        identity = f"checker_rewarded:{fact.checker_id}:{_at(fact.epoch_start)}"
+        return _transfers(identity, legs, refs, fact.rewarded_at, rules)
+    if isinstance(fact, funds_facts.PayoutClaimed):
+        refs = (
+            ("fact", "payout_claimed"),
+            ("provider", str(fact.provider_id)),
+            ("epoch", str(fact.epoch)),
+            ("chain", fact.reference),
+        )
+        legs = [
+            _Leg(
+                "payout",
+                account_id(AccountCode.provider_earnings, fact.provider_id),
+                protocol_account_id(AccountCode.chain_custody),
+                fact.amount,
+                TransferCode.payout,
+            )
+        ]
+        return _transfers(f"payout_claimed:{fact.reference}", legs, refs, fact.claimed_at, rules)
+    if isinstance(fact, lease_facts.EscrowReleased):
+        who = _require_parties(fact, parties)
+        refs = (
+            ("fact", "escrow_released"),
+            ("lease", str(fact.lease_id)),
+            ("at", _at(fact.released_at)),
+        )
+        legs = [
+            _Leg(
+                "release",
+                account_id(AccountCode.lease_escrow, fact.lease_id),
+                account_id(AccountCode.consumer_available, who.consumer_id),
+                fact.amount,
+                TransferCode.escrow_release,
+            )
+        ]
+        return _transfers(f"escrow_released:{fact.lease_id}", legs, refs, fact.released_at, rules)
     if isinstance(fact, lease_facts.LeaseClosed):
         who = _require_parties(fact, parties)
         refs = (

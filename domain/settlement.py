@@ -37,34 +37,37 @@ Pricing (per record)
 Each record is priced on its own, at its lease's agreed price, for all the lease's GPUs::
 
     interval_us = interval_end - interval_start                        (microseconds)
-    excluded_us = the part of the interval inside failed windows of the lease's node
-    billable_s  = (interval_us - excluded_us) // 1_000_000            (whole seconds, floored)
+    billable_s  = interval_us // 1_000_000                            (whole seconds, floored)
     amount      = lease_cost(lease.gpu_count, lease.price_per_gpu_hour, billable_s)
                                                                       (rounded up, per record)
+    excluded_us = the part of the interval inside failed windows of the lease's node
+    withheld    = min(amount, lease_cost(gpu_count, price, excluded_us // 1_000_000))
 
 A lease's charge in an epoch is the exact sum of its records' amounts. Rounding per record
 (rather than once per lease and epoch) makes a record's price independent of which epoch or
 which run settles it: late arrivals, retries and re-runs leave the total over all epochs
 equal to the sum of the records' prices, exactly. The cost of that choice is at most one
-smallest unit per record. A record with nothing billable (under a second, or wholly inside
-failed windows) is settled at 0; a `LeaseCharge` may therefore be 0 (the caller records no
-`UsageCharged` for it: `charge_usage` refuses zero).
+smallest unit per record. A record of under a second is settled at 0; a `LeaseCharge` may
+therefore be 0 (the caller records no `UsageCharged` for it: `charge_usage` refuses zero).
 
 Failed windows (`domain.verdicts.QuorumFailed` of the lease's node, any decided_at, repeats
-counted once, overlapping windows merged) are not charged when
-`SettlementRules.exclude_failed_windows` (default): the provider is not paid for service the
-checkers failed, and the consumer is not charged for it. The consumer's compensation for the
-window is `domain.slashing.refunds_for` alone, out of the slash; settlement moves no refund
-of its own and does not count the slash or its refunds in its totals, so nothing is
-deducted or compensated twice by settlement. The exclusions are listed per record and window
-(`WindowExclusion`). A failed window decided after a record was settled does not re-price
-it (settled records are final); the slash refund is then the only correction.
+counted once, overlapping windows merged): with `SettlementRules.withhold_failed_windows`
+(default) the usage inside them is charged to the consumer like any other but WITHHELD from
+the provider: that part goes to the insurance pool (`UsageCharged.withheld`), and the slash
+of the failed window refunds the consumer its cost out of that pool
+(`domain.slashing.refunds_for`). So the provider is not paid for service the checkers
+failed, and the consumer is compensated exactly once: charged, then refunded (never "not
+charged" AND refunded). The parts are listed per record and window (`WindowExclusion`). A
+failed window decided after a record was settled does not re-price it (settled records are
+final): the provider was paid, and the slash (always larger than a window's price) and its
+refund are the correction.
 
 Fees and checker rewards
 ------------------------
 
-For each charge, fee = `PostingRules.fee_of(amount)` (floor(amount * protocol_fee_bps /
-10_000), as the ledger postings split `UsageCharged`), provider share = amount - fee. The
+For each charge, fee = `PostingRules.fee_of(amount - withheld)` (floor((amount - withheld) *
+protocol_fee_bps / 10_000), as the ledger postings split `UsageCharged`), provider share =
+amount - withheld - fee. The
 epoch's fee is the sum over its charges. Of that fee, a reward pool::
 
     pool = fee * checker_reward_bps // 10_000                          (rounded down)
@@ -84,7 +87,7 @@ Contradicted verdicts (`contradicting_checker_ids`) earn nothing. With no agreei
 Totals and invariants (checked when an `EpochSettlement` is built)
 ------------------------------------------------------------------
 
-    charged       == sum of the charges' amounts == provider_share + fee
+    charged       == sum of the charges' amounts == provider_share + fee + withheld
     fee           == checker_rewards + treasury_net
 """
 
@@ -126,8 +129,9 @@ class SettlementRules:
     """Epoch length in seconds; 1..EPOCH_S_MAX."""
     checker_reward_bps: int = DEFAULT_CHECKER_REWARD_BPS
     """Share of the epoch's protocol fee paid to checkers; 0..BPS_MAX."""
-    exclude_failed_windows: bool = True
-    """Do not charge the part of usage inside failed windows of the lease's node."""
+    withhold_failed_windows: bool = True
+    """Withhold from the provider the part of usage inside failed windows of the lease's
+    node (it goes to the insurance pool, out of which the slash refunds the consumer)."""
     posting: PostingRules = DEFAULT_POSTING_RULES
     """The protocol fee (`PostingRules.fee_of`)."""
 
@@ -138,8 +142,8 @@ class SettlementRules:
         require_int("checker_reward_bps", self.checker_reward_bps)
         if not 0 <= self.checker_reward_bps <= BPS_MAX:
             raise ValueError(f"checker_reward_bps must be within 0..{BPS_MAX}")
-        if type(self.exclude_failed_windows) is not bool:
-            raise TypeError("exclude_failed_windows must be a bool")
+        if type(self.withhold_failed_windows) is not bool:
+            raise TypeError("withhold_failed_windows must be a bool")
 
 
 DEFAULT_SETTLEMENT_RULES = SettlementRules()
@@ -177,7 +181,7 @@ def is_epoch_start(moment: datetime, rules: SettlementRules = DEFAULT_SETTLEMENT
 
 @dataclass(frozen=True, slots=True)
 class WindowExclusion:
-    """The part of one usage record inside one failed window: not charged."""
+    """The part of one usage record inside one failed window: withheld from the provider."""
 
     sequence: int
     node_id: UUID
@@ -195,9 +199,12 @@ class PricedUsage:
     envelope_id: UUID
     interval_us: int
     excluded_us: int
-    """Inside failed windows (their union): never charged."""
+    """Inside failed windows (their union): withheld from the provider."""
     billable_s: int
     amount: int
+    """What the consumer is charged for the whole interval."""
+    withheld: int = 0
+    """Of amount: the part inside failed windows, not the provider's; <= amount."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,13 +217,15 @@ class LeaseCharge:
     amount: int
     """Sum of the lines' amounts (may be 0)."""
     fee: int
-    """`PostingRules.fee_of(amount)`."""
+    """`PostingRules.fee_of(amount - withheld)`."""
     provider_share: int
-    """amount - fee."""
+    """amount - withheld - fee."""
     sequences: tuple[int, ...]
     """The usage sequences covered, ascending."""
     lines: tuple[PricedUsage, ...]
     exclusions: tuple[WindowExclusion, ...]
+    withheld: int = 0
+    """Sum of the lines' withheld parts: lease_escrow -> insurance_pool."""
 
     @property
     def billable_s(self) -> int:
@@ -251,6 +260,7 @@ class EpochSettlement:
     charged: int
     provider_share: int
     fee: int
+    withheld: int
     reward_pool: int
     checker_rewards_total: int
     treasury_net: int
@@ -259,11 +269,15 @@ class EpochSettlement:
         keys = {(c.lease_id, s) for c in self.charges for s in c.sequences}
         problems = [
             ("charged != sum of charges", self.charged != sum(c.amount for c in self.charges)),
-            ("charged != provider_share + fee", self.charged != self.provider_share + self.fee),
+            (
+                "charged != provider_share + fee + withheld",
+                self.charged != self.provider_share + self.fee + self.withheld,
+            ),
+            ("withheld != sum of charges'", self.withheld != sum(c.withheld for c in self.charges)),
             ("fee != sum of charges' fees", self.fee != sum(c.fee for c in self.charges)),
             (
-                "a charge's provider_share + fee != amount",
-                any(c.provider_share + c.fee != c.amount for c in self.charges),
+                "a charge's provider_share + fee + withheld != amount",
+                any(c.provider_share + c.fee + c.withheld != c.amount for c in self.charges),
             ),
             (
                 "checker_rewards_total != sum of rewards",
@@ -307,7 +321,7 @@ def price_usage(
     start, end = record.interval_start, record.interval_end
     interval_us = max(0, (end - start) // _MICROSECOND)
     windows: dict[tuple[UUID, datetime], QuorumFailed] = {}
-    if rules.exclude_failed_windows:
+    if rules.withhold_failed_windows:
         for failed in failed_windows:
             if failed.node_id == lease.node_id:
                 windows.setdefault((failed.node_id, failed.window_start), failed)
@@ -318,10 +332,12 @@ def price_usage(
     )
     spans = _merge((w.window_start, w.window_end) for w in windows.values())
     excluded_us = min(interval_us, sum(_overlap_us(start, end, a, b) for a, b in spans))
-    billable_s = (interval_us - excluded_us) // MICROSECONDS_PER_SECOND
+    billable_s = interval_us // MICROSECONDS_PER_SECOND
     amount = lease_cost(lease.gpu_count, lease.price_per_gpu_hour, billable_s)
+    excluded_s = excluded_us // MICROSECONDS_PER_SECOND
+    withheld = min(amount, lease_cost(lease.gpu_count, lease.price_per_gpu_hour, excluded_s))
     line = PricedUsage(
-        record.sequence, record.envelope_id, interval_us, excluded_us, billable_s, amount
+        record.sequence, record.envelope_id, interval_us, excluded_us, billable_s, amount, withheld
     )
     return line, exclusions
 
@@ -403,7 +419,8 @@ def settle_epoch(
             lines.append(line)
             exclusions.extend(excluded)
         amount = sum(line.amount for line in lines)
-        fee = rules.posting.fee_of(amount)
+        withheld = sum(line.withheld for line in lines)
+        fee = rules.posting.fee_of(amount - withheld)
         charges.append(
             LeaseCharge(
                 lease_id=lease_id,
@@ -411,14 +428,16 @@ def settle_epoch(
                 consumer_id=lease.consumer_id,
                 amount=amount,
                 fee=fee,
-                provider_share=amount - fee,
+                provider_share=amount - withheld - fee,
                 sequences=tuple(line.sequence for line in lines),
                 lines=tuple(lines),
                 exclusions=tuple(exclusions),
+                withheld=withheld,
             )
         )
     charged = sum(c.amount for c in charges)
     fee_total = sum(c.fee for c in charges)
+    withheld_total = sum(c.withheld for c in charges)
     pool = fee_total * rules.checker_reward_bps // BPS_MAX
     rewards = checker_rewards_for(pool, decisions, epoch_start, epoch_end)
     rewards_total = sum(r.amount for r in rewards)
@@ -431,8 +450,9 @@ def settle_epoch(
         unknown_lease_usage=tuple(unknown),
         checker_rewards=rewards,
         charged=charged,
-        provider_share=charged - fee_total,
+        provider_share=charged - fee_total - withheld_total,
         fee=fee_total,
+        withheld=withheld_total,
         reward_pool=pool,
         checker_rewards_total=rewards_total,
         treasury_net=fee_total - rewards_total,

@@ -33,6 +33,21 @@ class CodecError(ValueError):
 
 
 _HINTS: dict[type[Any], tuple[tuple[str, Any], ...]] = {}
+_DEFAULTED: dict[type[Any], frozenset[str]] = {}
+
+
+def _defaulted(cls: type[Any]) -> frozenset[str]:
+    """The fields of `cls` with a default: a state written before such a field was added
+    may lack it (the default is the value it always had)."""
+    found = _DEFAULTED.get(cls)
+    if found is None:
+        found = frozenset(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        )
+        _DEFAULTED[cls] = found
+    return found
 
 
 def _hints(cls: type[Any]) -> tuple[tuple[str, Any], ...]:
@@ -84,6 +99,8 @@ def decode(cls: type[Any], state: dict[str, Any]) -> Any:
     values: dict[str, Any] = {}
     for name, hint in _hints(cls):
         if name not in state:
+            if name in _defaulted(cls):
+                continue
             raise CodecError(f"{cls.__name__}: field {name!r} is missing")
         try:
             values[name] = _decode_value(hint, state[name])

@@ -111,6 +111,14 @@ def verdict_stream_id(node_id: UUID) -> UUID:
     return uuid5(STREAM_NAMESPACE, f"verdicts:{node_id}")
 
 
+def payout_stream_id(provider_id: UUID) -> UUID:
+    return uuid5(STREAM_NAMESPACE, f"payouts:{provider_id}")
+
+
+def reward_stream_id(checker_id: UUID) -> UUID:
+    return uuid5(STREAM_NAMESPACE, f"rewards:{checker_id}")
+
+
 # -- rules ----------------------------------------------------------------------------------
 
 
@@ -331,6 +339,37 @@ class ChargeUsage:
     lease_id: UUID
     amount: int
     usage_ref: str
+    withheld: int = 0
+    """Of amount: not the provider's (usage inside failed windows; see UsageCharged)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseEscrow:
+    """Settlement charged a closed lease's last usage: release its unused escrow."""
+
+    command_id: UUID
+    lease_id: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class RewardChecker:
+    command_id: UUID
+    checker_id: UUID
+    epoch_start: datetime
+    agreed_verdicts: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPayoutClaim:
+    """A claim paid on chain by the payout distributor (from the chain watcher)."""
+
+    command_id: UUID
+    provider_id: UUID
+    epoch: int
+    cumulative: int
+    amount: int
+    reference: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +417,9 @@ Command = (
     | TopUpEscrow
     | RecordHeartbeat
     | ChargeUsage
+    | ReleaseEscrow
+    | RewardChecker
+    | RecordPayoutClaim
     | CloseLease
     | RegisterChecker
     | SubmitVerdict
@@ -421,6 +463,13 @@ class MarketState:
     leases: MutableMapping[UUID, Lease] = field(default_factory=dict)
     verdicts: VerdictState = field(default_factory=VerdictState)
     deposits: MutableMapping[UUID, funds.DepositConfirmed] = field(default_factory=dict)
+    rewards: MutableMapping[tuple[UUID, datetime], funds.CheckerRewarded] = field(
+        default_factory=dict
+    )
+    payout_claims: MutableMapping[str, funds.PayoutClaimed] = field(default_factory=dict)
+    """By chain reference."""
+    claimed: MutableMapping[UUID, int] = field(default_factory=dict)
+    """Provider -> what its claims paid in all."""
     checker_stake_left: MutableMapping[UUID, int] = field(default_factory=dict)
     refunds: list[slashing.ConsumerRefunded] = field(default_factory=list)
     commands: MutableMapping[UUID, CommandHandled] = field(default_factory=dict)
@@ -476,6 +525,11 @@ class MarketState:
             self.refunds.append(fact)
         elif isinstance(fact, funds.DepositConfirmed):
             self.deposits[fact.deposit_id] = fact
+        elif isinstance(fact, funds.CheckerRewarded):
+            self.rewards[(fact.checker_id, fact.epoch_start)] = fact
+        elif isinstance(fact, funds.PayoutClaimed):
+            self.payout_claims[fact.reference] = fact
+            self.claimed[fact.provider_id] = self.claimed.get(fact.provider_id, 0) + fact.amount
         elif isinstance(fact, CommandHandled):
             self.commands[fact.command_id] = fact
         else:
@@ -522,6 +576,9 @@ class _Work:
             leases=ChainMap({}, state.leases),
             verdicts=state.verdicts,
             deposits=ChainMap({}, state.deposits),
+            rewards=ChainMap({}, state.rewards),
+            payout_claims=ChainMap({}, state.payout_claims),
+            claimed=ChainMap({}, state.claimed),
             checker_stake_left=ChainMap({}, state.checker_stake_left),
             refunds=[],
             commands={},
@@ -574,7 +631,10 @@ class _Work:
         rules = self.rules.postings
         parties: Any = None
         consumer_id: UUID | None = None
-        if isinstance(fact, lease.EscrowToppedUp | lease.UsageCharged | lease.LeaseClosed):
+        if isinstance(
+            fact,
+            lease.EscrowToppedUp | lease.UsageCharged | lease.LeaseClosed | lease.EscrowReleased,
+        ):
             parties = self.staged.leases[fact.lease_id]
         if isinstance(fact, orderbook.BidRemainderRefunded):
             standing = self.book(self.staged.order_models[fact.bid_id]).bid(fact.bid_id)
@@ -642,6 +702,14 @@ class Marketplace:
 
     def stake_of(self, provider_id: UUID) -> ProviderStake:
         return self.state.stake_of(provider_id)
+
+    def provider_by_address(self, address: str) -> Provider | None:
+        """The provider whose operator address is `address` (case-insensitive)."""
+        wanted = address.lower()
+        for provider in self.state.providers.values():
+            if provider.operator_address.lower() == wanted:
+                return provider
+        return None
 
     def lease(self, lease_id: UUID) -> Lease | None:
         return self.state.leases.get(lease_id)
@@ -871,12 +939,47 @@ class Marketplace:
         elif isinstance(c, ChargeUsage):
             current = self._lease(work, c.lease_id)
             result, facts = lease.charge_usage(
-                current, c.amount, c.usage_ref, work.now, self.rules.lease
+                current, c.amount, c.usage_ref, work.now, self.rules.lease, c.withheld
             )
             if result is not lease.ChargeUsageResult.escrow_exhausted:
                 _require_lease_ok(result, f"usage of lease {c.lease_id} refused")
             for f in facts:
                 work.record(c.lease_id, f)
+        elif isinstance(c, ReleaseEscrow):
+            current = self._lease(work, c.lease_id)
+            result, facts = lease.release_escrow(current, work.now)
+            _require_lease_ok(result, f"escrow of lease {c.lease_id} not released")
+            for f in facts:
+                work.record(c.lease_id, f)
+        elif isinstance(c, RewardChecker):
+            if c.checker_id not in work.staged.verdicts.checkers:
+                raise UnknownCheckerError(f"checker {c.checker_id} is not registered")
+            result, rewarded = funds.reward_checker(
+                work.staged.rewards,
+                c.checker_id,
+                c.epoch_start,
+                c.agreed_verdicts,
+                c.amount,
+                work.now,
+            )
+            _require_ok(result, f"reward of checker {c.checker_id} refused")
+            for f in rewarded:
+                work.record(reward_stream_id(c.checker_id), f)
+        elif isinstance(c, RecordPayoutClaim):
+            self._provider(work, c.provider_id)
+            result, claims = funds.claim_payout(
+                work.staged.payout_claims,
+                work.staged.claimed.get(c.provider_id, 0),
+                c.provider_id,
+                c.epoch,
+                c.cumulative,
+                c.amount,
+                c.reference,
+                work.now,
+            )
+            _require_ok(result, f"payout claim {c.reference} refused")
+            for f in claims:
+                work.record(payout_stream_id(c.provider_id), f)
         elif isinstance(c, CloseLease):
             current = self._lease(work, c.lease_id)
             result, facts = lease.close(current, c.reason, c.by, work.now, self.rules.lease)

@@ -184,7 +184,7 @@ def settle(
         ({"epoch_s": 60.0}, TypeError),
         ({"checker_reward_bps": -1}, ValueError),
         ({"checker_reward_bps": 10_001}, ValueError),
-        ({"exclude_failed_windows": 1}, TypeError),
+        ({"withhold_failed_windows": 1}, TypeError),
     ],
 )
 def test_rules_are_validated(kwargs: dict[str, object], error: type[Exception]) -> None:
@@ -298,12 +298,17 @@ def test_a_record_under_a_second_is_settled_at_zero() -> None:
     assert result.charged == 0
 
 
-def test_the_part_inside_a_failed_window_of_the_node_is_not_charged() -> None:
+def test_the_part_inside_a_failed_window_of_the_node_is_withheld_from_the_provider() -> None:
     usage = [rec(1, s(0), s(600), received=s(599))]
     window = failed(s(300))
     result = settle(usage, failed_windows=(window, window, failed(s(0), node_id=OTHER_NODE)))
     charge = result.charges[0]
-    assert charge.amount == 300
+    assert charge.amount == 600
+    """The consumer is charged all of it; the slash refunds the failed part (slashing)."""
+    assert charge.withheld == result.withheld == 300
+    assert charge.fee == RULES.posting.fee_of(300)
+    assert charge.provider_share == 300 - charge.fee
+    assert result.provider_share + result.fee + result.withheld == result.charged == 600
     assert charge.lines[0].excluded_us == 300_000_000
     assert len(charge.exclusions) == 1
     exclusion = charge.exclusions[0]
@@ -316,21 +321,21 @@ def test_overlapping_failed_windows_are_excluded_once() -> None:
     odd = replace(failed(s(300)), window_start=T0 + s(200), window_end=T0 + s(500))
     result = settle(usage, failed_windows=(failed(s(300)), odd))
     assert result.charges[0].lines[0].excluded_us == 400_000_000
-    assert result.charged == 200
+    assert (result.charged, result.withheld) == (600, 400)
 
 
-def test_usage_wholly_inside_a_failed_window_is_settled_at_zero() -> None:
+def test_usage_wholly_inside_a_failed_window_pays_the_provider_nothing() -> None:
     result = settle([rec(1, s(310), s(400))], failed_windows=(failed(s(300)),))
     assert result.settled_keys == {(LEASE, 1)}
-    assert result.charged == 0
+    assert (result.charged, result.withheld, result.provider_share, result.fee) == (90, 90, 0, 0)
 
 
 def test_failed_windows_may_be_charged_by_configuration() -> None:
-    rules = replace(RULES, exclude_failed_windows=False)
+    rules = replace(RULES, withhold_failed_windows=False)
     result = settle(
         [rec(1, s(0), s(600), received=s(599))], failed_windows=(failed(s(300)),), rules=rules
     )
-    assert result.charged == 600
+    assert (result.charged, result.withheld) == (600, 0)
     assert result.charges[0].exclusions == ()
 
 
@@ -364,7 +369,7 @@ def test_rewards_split_in_proportion_to_agreeing_verdicts() -> None:
         [rec(1, s(0), s(100), lease=lease)],
         leases={LEASE: lease},
         decisions=decisions,
-        rules=replace(RULES, exclude_failed_windows=False),
+        rules=replace(RULES, withhold_failed_windows=False),
     )
     assert result.charged == 10_000
     assert result.fee == 500
@@ -448,8 +453,10 @@ def scenarios(
     return leases, usage, windows
 
 
-def expected_price(record: UsageRecorded, lease: Lease, windows: tuple[QuorumFailed, ...]) -> int:
-    """The oracle, independent of the module: second by microsecond."""
+def expected_price(
+    record: UsageRecorded, lease: Lease, windows: tuple[QuorumFailed, ...]
+) -> tuple[int, int]:
+    """The oracle, independent of the module, second by microsecond: (charged, withheld)."""
     starts = {w.window_start for w in windows if w.node_id == lease.node_id}
     start_us = (record.interval_start - T0) // timedelta(microseconds=1)
     end_us = (record.interval_end - T0) // timedelta(microseconds=1)
@@ -457,8 +464,9 @@ def expected_price(record: UsageRecorded, lease: Lease, windows: tuple[QuorumFai
     for window_start in starts:
         ws = (window_start - T0) // timedelta(microseconds=1)
         excluded += max(0, min(end_us, ws + WINDOW_S * 1_000_000) - max(start_us, ws))
-    billable_s = (end_us - start_us - excluded) // 1_000_000
-    return lease_cost(lease.gpu_count, lease.price_per_gpu_hour, billable_s)
+    charged = lease_cost(lease.gpu_count, lease.price_per_gpu_hour, (end_us - start_us) // 10**6)
+    withheld = lease_cost(lease.gpu_count, lease.price_per_gpu_hour, excluded // 1_000_000)
+    return charged, min(charged, withheld)
 
 
 @settings(max_examples=200, deadline=None)
@@ -471,7 +479,7 @@ def test_every_record_is_charged_exactly_once_across_epochs_retries_and_reruns(
     last_epoch = max((visible for _, visible in usage), default=0) + 1
     settled: frozenset[tuple[UUID, int]] = frozenset()
     charged_by_lease: dict[UUID, int] = {}
-    total = 0
+    total = withheld_total = 0
     for epoch in range(last_epoch + 1):
         visible = [record for record, from_epoch in usage if from_epoch <= epoch]
         retried = visible + rnd.sample(visible, k=len(visible) // 2)
@@ -489,7 +497,7 @@ def test_every_record_is_charged_exactly_once_across_epochs_retries_and_reruns(
             assert result.unknown_lease_usage == ()
             if run == 1:
                 assert result.charges == ()
-            assert result.provider_share + result.fee == result.charged
+            assert result.provider_share + result.fee + result.withheld == result.charged
             assert result.checker_rewards_total + result.treasury_net == result.fee
             assert result.reward_pool == result.fee * RULES.checker_reward_bps // 10_000
             for record_key in result.settled_keys:
@@ -497,6 +505,7 @@ def test_every_record_is_charged_exactly_once_across_epochs_retries_and_reruns(
                 assert record.received_at < result.epoch_end
             settled |= result.settled_keys
             total += result.charged
+            withheld_total += result.withheld
             for charge in result.charges:
                 charged_by_lease[charge.lease_id] = (
                     charged_by_lease.get(charge.lease_id, 0) + charge.amount
@@ -504,10 +513,15 @@ def test_every_record_is_charged_exactly_once_across_epochs_retries_and_reruns(
     assert settled == {(r.lease_id, r.sequence) for r, _ in usage}
     priced = {
         lease_id: sum(
-            expected_price(r, leases[lease_id], windows) for r, _ in usage if r.lease_id == lease_id
+            expected_price(r, leases[lease_id], windows)[0]
+            for r, _ in usage
+            if r.lease_id == lease_id
         )
         for lease_id in leases
     }
+    assert withheld_total == sum(
+        expected_price(r, leases[r.lease_id], windows)[1] for r, _ in usage
+    )
     for lease_id, amount in charged_by_lease.items():
         assert amount <= priced[lease_id]
     assert total == sum(priced.values())
