@@ -129,6 +129,7 @@ class MarketplaceApplication(Application[UUID]):
     (the ledger's, so both can be written in one transaction)."""
 
     name = MARKETPLACE_APPLICATION_NAME
+    events_table_name = MARKETPLACE_EVENTS_TABLE_NAME
 
     def __init__(self, datastore: PostgresDatastore, env: Mapping[str, str] | None = None) -> None:
         """`datastore`: the ledger's (its pool and schema). The library's own persistence
@@ -141,9 +142,7 @@ class MarketplaceApplication(Application[UUID]):
         return MarketMapper(transcoder=self.construct_transcoder())
 
     def construct_recorder(self) -> AppendOnlyRecorder:
-        recorder = AppendOnlyRecorder(
-            self._datastore, events_table_name=MARKETPLACE_EVENTS_TABLE_NAME
-        )
+        recorder = AppendOnlyRecorder(self._datastore, events_table_name=self.events_table_name)
         recorder.create_table()
         return recorder
 
