@@ -15,22 +15,26 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from eth_abi.abi import decode as abi_decode
+from eth_account import Account
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.logs import DISCARD
+from web3.middleware import SignAndSendRawMiddlewareBuilder
 from web3.types import EventData, TxReceipt
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
-CONTRACT_NAMES = ("TestToken", "Staking", "PayoutDistributor", "CheckpointAnchor")
+CONTRACT_NAMES = ("TestToken", "Staking", "PayoutDistributor", "CheckpointAnchor", "DepositVault")
 
 ROLE_SLASHER = keccak(text="SLASHER_ROLE")
 ROLE_POSTER = keccak(text="POSTER_ROLE")
 ROLE_ANCHOR = keccak(text="ANCHOR_ROLE")
+ROLE_WITHDRAWER = keccak(text="WITHDRAWER_ROLE")
 
 _ERROR_STRING = keccak(text="Error(string)")[:4]
 _PANIC = keccak(text="Panic(uint256)")[:4]
@@ -182,6 +186,7 @@ class Deployment:
     staking: Contract
     distributor: Contract
     anchor: Contract
+    vault: Contract
 
     # --- token -------------------------------------------------------------
     def mint(self, to: str, amount: int) -> TxReceipt:
@@ -214,6 +219,10 @@ class Deployment:
     def bonded(self, account: str) -> int:
         return int(call(self.staking.functions.bonded(account)))
 
+    def stake_of(self, account: str) -> int:
+        """Slashable stake on chain: bonded + pending unbond."""
+        return int(call(self.staking.functions.stakeOf(account)))
+
     def pending_unbond(self, account: str) -> tuple[int, int]:
         amount, release_at = call(self.staking.functions.pendingUnbond(account))
         return int(amount), int(release_at)
@@ -243,11 +252,64 @@ class Deployment:
     def checkpoint(self, index: int) -> bytes:
         return bytes(call(self.anchor.functions.rootAt(index)))
 
+    # --- deposits ----------------------------------------------------------
+    def deposit(self, sender: str, consumer: UUID | bytes, amount: int) -> TxReceipt:
+        """Approve and pay `amount` from `sender` into the vault for `consumer` (its UUID)."""
+        consumer_bytes = consumer.bytes if isinstance(consumer, UUID) else consumer
+        self.approve(sender, self.vault.address, amount)
+        return transact(self.w3, self.vault.functions.deposit(consumer_bytes, amount), sender)
+
+    def set_recipient(self, recipient: str, allowed: bool) -> TxReceipt:
+        fn = self.vault.functions.setRecipient(recipient, allowed)
+        return transact(self.w3, fn, self.admin)
+
+    def withdraw(self, withdrawer: str, to: str, amount: int, memo: bytes) -> TxReceipt:
+        fn = self.vault.functions.withdraw(to, amount, memo)
+        return transact(self.w3, fn, withdrawer)
+
 
 def deploy_all(w3: Web3, *, admin: str, slash_pool: str, unbond_delay: int) -> Deployment:
-    """Deploy token, staking, distributor and anchor, all administered by ``admin``."""
+    """Deploy token, staking, distributor, anchor and deposit vault, all administered by
+    ``admin``; the vault may pay out to the distributor (no roles are granted)."""
     token = deploy(w3, "TestToken", "Aether Test", "AETH", admin, sender=admin)
     staking = deploy(w3, "Staking", token.address, unbond_delay, slash_pool, admin, sender=admin)
     distributor = deploy(w3, "PayoutDistributor", token.address, admin, sender=admin)
     anchor = deploy(w3, "CheckpointAnchor", admin, sender=admin)
-    return Deployment(w3, admin, token, staking, distributor, anchor)
+    vault = deploy(w3, "DepositVault", token.address, admin, sender=admin)
+    deployment = Deployment(w3, admin, token, staking, distributor, anchor, vault)
+    deployment.set_recipient(distributor.address, True)
+    return deployment
+
+
+def bind_all(
+    w3: Web3,
+    *,
+    admin: str,
+    token: str,
+    staking: str,
+    distributor: str,
+    anchor: str,
+    vault: str,
+) -> Deployment:
+    """The deployment already on chain at these addresses (``admin`` may be any address:
+    only admin calls use it)."""
+    return Deployment(
+        w3,
+        to_checksum_address(admin),
+        at(w3, "TestToken", token),
+        at(w3, "Staking", staking),
+        at(w3, "PayoutDistributor", distributor),
+        at(w3, "CheckpointAnchor", anchor),
+        at(w3, "DepositVault", vault),
+    )
+
+
+def sign_with(w3: Web3, private_keys: Sequence[str]) -> list[str]:
+    """Sign transactions sent ``from`` these keys' addresses locally (a real node holds no
+    keys): web3's SignAndSendRawMiddleware. Returns the keys' addresses, in order."""
+    accounts = [Account.from_key(k) for k in private_keys]
+    if accounts:
+        w3.middleware_onion.inject(
+            SignAndSendRawMiddlewareBuilder.build(accounts), name="aether_signing", layer=0
+        )
+    return [str(a.address) for a in accounts]

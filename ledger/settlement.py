@@ -123,6 +123,9 @@ class EpochSettled:
     payout_new: int
     """payout_total minus the previous epoch's: what the distributor must be funded with."""
     settled_at: datetime
+    rewards: tuple[PlannedReward, ...] = ()
+    """The rewards paid: shares of the pool of the fees actually drawn (the plan's rewards
+    are the most they can be, when every charge is covered)."""
 
 
 @dataclass(frozen=True, slots=True)

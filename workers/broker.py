@@ -41,6 +41,7 @@ DEAD_LETTER = Topic("aether.dead-letter", 1, "the rejected message's key")
 MARKETPLACE_EVENTS = Topic("aether.events.marketplace", 8, "aggregate id")
 LEDGER_EVENTS = Topic("aether.events.ledger", 8, "aggregate id")
 USAGE_EVENTS = Topic("aether.events.usage", 8, "aggregate id")
+SETTLEMENT_EVENTS = Topic("aether.events.settlement", 4, "aggregate id")
 TOPICS = (
     USAGE,
     HEARTBEATS,
@@ -49,6 +50,7 @@ TOPICS = (
     MARKETPLACE_EVENTS,
     LEDGER_EVENTS,
     USAGE_EVENTS,
+    SETTLEMENT_EVENTS,
 )
 
 

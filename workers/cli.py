@@ -53,14 +53,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     project.set_defaults(run=_run_project)
 
+    from workers.replay import add_parser as add_replay_parser
+
+    add_replay_parser(commands)
+
     worker = commands.add_parser(
         "worker",
-        help="run a service process: gpu (a lease's workload, metered), checker, ingest, relay",
+        help="run a service process: gpu (a lease's workload, metered), checker, ingest, relay, "
+        "settle",
         add_help=False,
     )
-    worker.add_argument("kind", choices=["gpu", "checker", "ingest", "relay"], metavar="KIND")
+    worker.add_argument("kind", choices=["gpu", "checker", "ingest", "relay", "settle"], metavar="KIND")
     worker.add_argument("options", nargs=argparse.REMAINDER)
     worker.set_defaults(run=_run_worker)
+
+    from workers.audit import add_parser as add_audit_parser
+
+    add_audit_parser(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -152,10 +161,12 @@ def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
 
         ingest_main(args.options)
         return 0
-    from workers.processes import run_checker, run_relay
+    from workers.processes import run_checker, run_relay, run_settle
 
     if args.kind == "relay":
         return run_relay(settings, args.options)
+    if args.kind == "settle":
+        return run_settle(settings, args.options)
     return run_checker(settings, args.options)
 
 

@@ -13,7 +13,17 @@ from uuid import UUID
 from ledger.config import Settings
 from ledger.usage import UsageApplication
 from workers.bootstrap import open_market
-from workers.broker import LEDGER_EVENTS, MARKETPLACE_EVENTS, USAGE_EVENTS, kafka_from
+from domain.lease import LeaseRules
+from domain.settlement import SettlementRules
+from ledger.market.service import MarketRules
+from ledger.settlement import SettlementApplication, SettlementLog
+from workers.broker import (
+    LEDGER_EVENTS,
+    MARKETPLACE_EVENTS,
+    SETTLEMENT_EVENTS,
+    USAGE_EVENTS,
+    kafka_from,
+)
 from workers.checker import Checker, CheckerRules
 from workers.relay import Relay, Source
 
@@ -21,23 +31,25 @@ log = logging.getLogger(__name__)
 
 
 def run_relay(settings: Settings, argv: Sequence[str]) -> int:
-    """`aether worker relay`: publish the ledger's, the marketplace's and the usage logs to
-    Kafka."""
+    """`aether worker relay`: publish the ledger's, the marketplace's, the usage and the
+    settlement logs to Kafka."""
     parser = argparse.ArgumentParser(prog="aether worker relay")
     parser.parse_args(argv)
     with open_market(settings) as market, kafka_from(settings.kafka_bootstrap_servers) as kafka:
         datastore = market.ledger.app.app_recorder.datastore
         usage = UsageApplication(datastore, env=market.ledger.app.env)
+        settlement = SettlementApplication(datastore, env=market.ledger.app.env)
         relay = Relay(
             datastore,
             [
                 Source(market.ledger.app, LEDGER_EVENTS.name),
                 Source(market.app, MARKETPLACE_EVENTS.name),
                 Source(usage, USAGE_EVENTS.name),
+                Source(settlement, SETTLEMENT_EVENTS.name),
             ],
             kafka,
         )
-        log.info("relay: publishing the ledger, marketplace and usage logs to %s", kafka)
+        log.info("relay: publishing the ledger, marketplace, usage and settlement logs to %s", kafka)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(relay.run())
     return 0
@@ -67,4 +79,37 @@ def run_checker(settings: Settings, argv: Sequence[str]) -> int:
         log.info("checker %s: judging %d nodes from %s", args.checker_id, len(nodes), kafka)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(checker.run())
+    return 0
+
+
+SETTLED_MARKET_RULES = MarketRules(lease=LeaseRules(release_escrow_at_close=False))
+"""The marketplace rules of a deployment that settles: closes keep the escrow until
+settlement has charged the lease's last usage."""
+
+
+def run_settle(settings: Settings, argv: Sequence[str]) -> int:
+    """`aether worker settle [--epoch N ...] [--follow]`: settle the due epochs (or the given
+    ones), safe to re-run; with ETH_RPC_URL, post each epoch's payout root on chain."""
+    from workers.settle import Settler, add_arguments, run
+
+    parser = argparse.ArgumentParser(prog="aether worker settle")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    gateway = None
+    if settings.eth_rpc_url:
+        from workers.chain import PayoutGateway, open_chain
+
+        gateway = PayoutGateway(open_chain(settings))
+    with open_market(settings, rules=SETTLED_MARKET_RULES) as market:
+        datastore = market.ledger.app.app_recorder.datastore
+        env = market.ledger.app.env
+        settler = Settler(
+            market.service,
+            UsageApplication(datastore, env=env),
+            SettlementLog(SettlementApplication(datastore, env=env)),
+            rules=SettlementRules(epoch_s=args.epoch_s, posting=market.service.rules.postings),
+            gateway=gateway,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            return run(settler, follow=args.follow, poll_s=args.poll_s, epochs=args.epoch)
     return 0

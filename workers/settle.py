@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -38,7 +38,7 @@ from eventsourcing.persistence import IntegrityError
 from domain import settlement as rules_of
 from domain.codes import AccountCode
 from domain.lease import LeaseStatus, UsageCharged
-from domain.postings import account_id
+from domain.postings import BPS_MAX, account_id
 from domain.settlement import EPOCH, SettlementRules, settle_epoch
 from domain.verdicts import QuorumFailed
 from ledger.market import service as m
@@ -65,12 +65,18 @@ close: usage of its last interval reaches the log within it."""
 DEFAULT_SETTLE_DELAY_S = 120
 
 
-class PayoutGateway(Protocol):
-    """What puts a payout root on chain (`workers.chain`)."""
+class PostedRoot(Protocol):
+    @property
+    def post_tx(self) -> str | None:
+        """The posting transaction (None: posted before this call)."""
+        ...
 
-    def post_payout_root(self, epoch: int, root: bytes, fund_amount: int) -> str:
-        """Fund the distributor with `fund_amount` and post `root` for `epoch`; idempotent;
-        returns the transaction hash (of the post, or of the earlier one)."""
+
+class PayoutGateway(Protocol):
+    """What puts a payout root on chain (`workers.chain.PayoutGateway`)."""
+
+    def post_payout_root(self, epoch: int, root: bytes, fund_amount: int) -> PostedRoot:
+        """Fund the distributor with `fund_amount` and post `root` for `epoch`; idempotent."""
         ...
 
 
@@ -156,8 +162,21 @@ class Settler:
         record = self.log.epochs.get(epoch)
         if record is None:
             record = self._plan(epoch)
-        commands = retried = 0
-        for command in self._commands(record.plan):
+        plan = record.plan
+        counts = [0, 0]
+        self._handle(epoch, self._charges(plan), counts)
+        drawn = {c.lease_id: self._drawn(epoch, c) for c in plan.charges}
+        rewards = self._rewards(plan, drawn)
+        self._handle(epoch, self._reward_commands(plan, rewards), counts)
+        self._handle(epoch, self._releases(plan), counts)
+        if record.settled is None:
+            self._record_outcome(record, drawn, rewards)
+        if self.gateway is not None and record.posted is None:
+            self._post(record)
+        return SettleReport(self.log.epochs[epoch], counts[0], counts[1])
+
+    def _handle(self, epoch: int, commands: Sequence[m.Command], counts: list[int]) -> None:
+        for command in commands:
             try:
                 handled = self.service.handle(command)
             except (m.LeaseClosedError, m.RuleRefusedError) as e:
@@ -165,13 +184,23 @@ class Settler:
                 # under release_escrow_at_close): the usage stays uncovered.
                 log.warning("epoch %d: %s refused: %s", epoch, type(command).__name__, e)
                 continue
-            commands += 1
-            retried += handled.retried
-        if record.settled is None:
-            self._record_outcome(record)
-        if self.gateway is not None and record.posted is None:
-            self._post(record)
-        return SettleReport(self.log.epochs[epoch], commands, retried)
+            counts[0] += 1
+            counts[1] += handled.retried
+
+    def _rewards(self, plan: EpochPlanned, drawn: Mapping[UUID, int]) -> tuple[PlannedReward, ...]:
+        """The checkers' shares of the pool of the fees actually drawn (an exhausted escrow
+        draws less than the plan priced): pool * agreed // all agreed, rounded down."""
+        posting = self.rules.posting
+        fee = sum(
+            posting.fee_of(drawn[c.lease_id] - min(c.withheld, drawn[c.lease_id]))
+            for c in plan.charges
+        )
+        pool = fee * self.rules.checker_reward_bps // BPS_MAX
+        agreed = sum(r.agreed_verdicts for r in plan.rewards)
+        return tuple(
+            PlannedReward(r.checker_id, r.agreed_verdicts, pool * r.agreed_verdicts // agreed)
+            for r in plan.rewards
+        )
 
     def _plan(self, epoch: int) -> EpochRecord:
         later = [n for n in self.log.epochs if n > epoch]
@@ -247,7 +276,7 @@ class Settler:
         self._append(plan, 1)
         return self.log.epochs[epoch]
 
-    def _commands(self, plan: EpochPlanned) -> list[m.Command]:
+    def _charges(self, plan: EpochPlanned) -> list[m.Command]:
         n = plan.epoch
         commands: list[m.Command] = []
         for c in plan.charges:
@@ -263,28 +292,36 @@ class Settler:
                     c.withheld,
                 )
             )
-        epoch_start = plan.epoch_start
-        for r in plan.rewards:
-            if r.amount > 0:
-                commands.append(
-                    m.RewardChecker(
-                        command_id(n, f"reward:{r.checker_id}"),
-                        r.checker_id,
-                        epoch_start,
-                        r.agreed_verdicts,
-                        r.amount,
-                    )
-                )
-        for lease_id in plan.releases:
-            commands.append(m.ReleaseEscrow(command_id(n, f"release:{lease_id}"), lease_id))
         return commands
 
-    def _record_outcome(self, record: EpochRecord) -> None:
+    def _reward_commands(
+        self, plan: EpochPlanned, rewards: Sequence[PlannedReward]
+    ) -> list[m.Command]:
+        return [
+            m.RewardChecker(
+                command_id(plan.epoch, f"reward:{r.checker_id}"),
+                r.checker_id,
+                plan.epoch_start,
+                r.agreed_verdicts,
+                r.amount,
+            )
+            for r in rewards
+            if r.amount > 0
+        ]
+
+    def _releases(self, plan: EpochPlanned) -> list[m.Command]:
+        return [
+            m.ReleaseEscrow(command_id(plan.epoch, f"release:{lease_id}"), lease_id)
+            for lease_id in plan.releases
+        ]
+
+    def _record_outcome(
+        self, record: EpochRecord, drawn: Mapping[UUID, int], rewards: Sequence[PlannedReward]
+    ) -> None:
         plan = record.plan
         outcomes = tuple(
-            ChargeOutcome(c.lease_id, drawn, c.amount - drawn)
+            ChargeOutcome(c.lease_id, drawn[c.lease_id], c.amount - drawn[c.lease_id])
             for c in plan.charges
-            for drawn in (self._drawn(plan.epoch, c),)
         )
         self.service.refresh()
         payouts: list[PayoutEntry] = []
@@ -309,6 +346,7 @@ class Settler:
             payout_total=total,
             payout_new=total - (previous.payout_total if previous else 0),
             settled_at=self.clock(),
+            rewards=tuple(rewards),
         )
         self._append(settled, 2)
 
@@ -330,7 +368,8 @@ class Settler:
         if not settled.payout_root:
             return
         root = bytes.fromhex(settled.payout_root.removeprefix("0x"))
-        tx = self.gateway.post_payout_root(settled.epoch, root, settled.payout_new)
+        posted = self.gateway.post_payout_root(settled.epoch, root, settled.payout_new)
+        tx = posted.post_tx or "posted before"
         self._append(
             PayoutRootPosted(
                 settled.epoch, settled.payout_root, settled.payout_new, tx, self.clock()

@@ -1,8 +1,9 @@
 """Contract tests on the in-process EVM (web3 EthereumTesterProvider + py-evm).
 
-Covers deployment, happy paths, every custom-error revert of Staking, PayoutDistributor and
-CheckpointAnchor, emitted events, the Merkle leaf/proof format (built here in Python the way
-OpenZeppelin's StandardMerkleTree does), and that committed artifacts match the sources.
+Covers deployment, happy paths, every custom-error revert of Staking, PayoutDistributor,
+CheckpointAnchor and DepositVault, emitted events, the Merkle leaf/proof format (built here
+in Python the way OpenZeppelin's StandardMerkleTree does), and that committed artifacts match
+the sources.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,14 @@ from eth_utils.crypto import keccak
 from web3 import EthereumTesterProvider, Web3
 
 from contracts import chain
-from contracts.chain import ROLE_ANCHOR, ROLE_POSTER, ROLE_SLASHER, ContractRevert, Deployment
+from contracts.chain import (
+    ROLE_ANCHOR,
+    ROLE_POSTER,
+    ROLE_SLASHER,
+    ROLE_WITHDRAWER,
+    ContractRevert,
+    Deployment,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRACTS = REPO / "contracts"
@@ -81,7 +90,18 @@ def w3() -> Web3:
 
 @pytest.fixture
 def accts(w3: Web3) -> dict[str, str]:
-    names = ["admin", "pool", "slasher", "poster", "anchorer", "alice", "bob", "carol", "mallory"]
+    names = [
+        "admin",
+        "pool",
+        "slasher",
+        "poster",
+        "anchorer",
+        "alice",
+        "bob",
+        "carol",
+        "mallory",
+        "withdrawer",
+    ]
     return dict(zip(names, w3.eth.accounts, strict=False))
 
 
@@ -93,6 +113,7 @@ def d(w3: Web3, accts: dict[str, str]) -> Deployment:
     dep.grant(dep.staking, ROLE_SLASHER, accts["slasher"])
     dep.grant(dep.distributor, ROLE_POSTER, accts["poster"])
     dep.grant(dep.anchor, ROLE_ANCHOR, accts["anchorer"])
+    dep.grant(dep.vault, ROLE_WITHDRAWER, accts["withdrawer"])
     for who in ("alice", "bob"):
         dep.mint(accts[who], 1_000)
     return dep
@@ -427,6 +448,106 @@ def test_anchor_reverts(d: Deployment, accts: dict[str, str]) -> None:
     with reverts("UnknownIndex") as exc:
         d.checkpoint(1)
     assert exc.value.args_ == (1, 1)
+
+
+# --- deposit vault ----------------------------------------------------------------------------
+
+CONSUMER = uuid.UUID("3f2b8a8e-52a4-4a57-9d7e-0d5b8e1f6a01")
+
+
+def test_deploy_all_lets_the_vault_pay_the_distributor(d: Deployment) -> None:
+    assert d.vault.functions.token().call() == d.token.address
+    assert d.vault.functions.allowedRecipient(d.distributor.address).call() is True
+    assert d.vault.functions.allowedRecipient(d.staking.address).call() is False
+
+
+def test_deposit_pulls_the_token_and_names_the_consumer(
+    d: Deployment, accts: dict[str, str]
+) -> None:
+    alice = accts["alice"]
+    r = d.deposit(alice, CONSUMER, 300)
+    [ev] = chain.events(d.vault, "Deposited", r)
+    assert (ev["args"]["consumer"], ev["args"]["from"], ev["args"]["amount"]) == (
+        CONSUMER.bytes,
+        alice,
+        300,
+    )
+    assert d.balance(alice) == 700 and d.balance(d.vault.address) == 300
+    d.deposit(alice, CONSUMER.bytes, 1)  # the raw 16 bytes work as well
+    assert d.balance(d.vault.address) == 301
+
+
+def test_deposit_reverts(d: Deployment, accts: dict[str, str]) -> None:
+    alice, mallory = accts["alice"], accts["mallory"]
+    with reverts("ZeroConsumer"):
+        d.deposit(alice, bytes(16), 1)
+    with reverts("ZeroAmount"):
+        d.deposit(alice, CONSUMER, 0)
+    with reverts("ERC20InsufficientAllowance"):
+        chain.transact(d.w3, d.vault.functions.deposit(CONSUMER.bytes, 1), alice)
+    with reverts("ERC20InsufficientBalance") as exc:
+        d.deposit(mallory, CONSUMER, 5)
+    assert exc.value.args_ == (mallory, 0, 5)
+    assert d.balance(d.vault.address) == 0
+
+
+def test_vault_constructor_rejects_zero_addresses(
+    w3: Web3, d: Deployment, accts: dict[str, str]
+) -> None:
+    with reverts("ZeroAddress"):
+        chain.deploy(w3, "DepositVault", ZERO, accts["admin"])
+    with reverts("ZeroAddress"):
+        chain.deploy(w3, "DepositVault", d.token.address, ZERO)
+
+
+def test_withdraw_to_an_allowed_recipient(d: Deployment, accts: dict[str, str]) -> None:
+    withdrawer = accts["withdrawer"]
+    d.deposit(accts["alice"], CONSUMER, 500)
+    memo = b"payout-epoch".ljust(32, b"\0")
+    r = d.withdraw(withdrawer, d.distributor.address, 200, memo)
+    [ev] = chain.events(d.vault, "Withdrawn", r)
+    assert (ev["args"]["to"], ev["args"]["amount"], ev["args"]["memo"]) == (
+        d.distributor.address,
+        200,
+        memo,
+    )
+    assert ev["args"]["withdrawer"] == withdrawer
+    assert d.balance(d.distributor.address) == 200 and d.balance(d.vault.address) == 300
+
+
+def test_withdraw_reverts(d: Deployment, accts: dict[str, str]) -> None:
+    withdrawer, mallory, bob = accts["withdrawer"], accts["mallory"], accts["bob"]
+    memo = bytes(32)
+    d.deposit(accts["alice"], CONSUMER, 100)
+    with reverts("AccessControlUnauthorizedAccount") as exc:
+        d.withdraw(mallory, d.distributor.address, 1, memo)
+    assert exc.value.args_ == (mallory, ROLE_WITHDRAWER)
+    with reverts("ZeroAmount"):
+        d.withdraw(withdrawer, d.distributor.address, 0, memo)
+    with reverts("RecipientNotAllowed") as exc:
+        d.withdraw(withdrawer, bob, 1, memo)
+    assert exc.value.args_ == (bob,)
+    with reverts("InsufficientVaultBalance") as exc:
+        d.withdraw(withdrawer, d.distributor.address, 101, memo)
+    assert exc.value.args_ == (101, 100)
+    assert d.balance(d.vault.address) == 100
+
+
+def test_recipients_are_set_by_the_admin_only(d: Deployment, accts: dict[str, str]) -> None:
+    admin, mallory, bob = accts["admin"], accts["mallory"], accts["bob"]
+    fn = d.vault.functions
+    with reverts("AccessControlUnauthorizedAccount"):
+        chain.transact(d.w3, fn.setRecipient(mallory, True), mallory)
+    with reverts("ZeroAddress"):
+        d.set_recipient(ZERO, True)
+    r = chain.transact(d.w3, fn.setRecipient(bob, True), admin)
+    [ev] = chain.events(d.vault, "RecipientAllowed", r)
+    assert (ev["args"]["recipient"], ev["args"]["allowed"]) == (bob, True)
+    d.deposit(accts["alice"], CONSUMER, 10)
+    d.withdraw(accts["withdrawer"], bob, 4, bytes(32))
+    d.set_recipient(d.distributor.address, False)
+    with reverts("RecipientNotAllowed"):
+        d.withdraw(accts["withdrawer"], d.distributor.address, 1, bytes(32))
 
 
 # --- artifacts match sources -------------------------------------------------------------------
