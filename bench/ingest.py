@@ -1,18 +1,24 @@
 """Usage ingest throughput: Kafka to durable, deduplicated usage events, per second.
 
-N valid usage reports (default 200,000), signed by their nodes' Ed25519 keys, spread over
-many leases, are produced to the usage topic (the embedded broker unless
+N valid usage reports (default 200,000) over L leases (default 400), sent as real nodes
+send them: each node has 8 GPUs and serves `--leases-per-node` 1-GPU leases (default 8);
+once per `--intervals` report intervals (default 8) it signs ONE usage batch
+(``aether.usage_batch.v1``, keyed by the node) with the reports of all its leases for
+those intervals (`--intervals 1`: a message per interval; `--single`: the old one signed
+message per report). They are produced to the usage topic (the embedded broker unless
 KAFKA_BOOTSTRAP_SERVERS is set). Then one `workers.ingest.Ingest` reads them all: decode,
-validate, verify every signature, check the usage rules, and commit events plus offsets in
-one Postgres transaction per batch. The figure: usage events committed per second, from the
-first message consumed to the last commit (the group join before is not counted).
+validate every report, verify every batch's signature, check the usage rules on every
+report, and commit events plus offsets in one Postgres transaction per batch. The figure:
+usage events committed per second, from the first message consumed to the last commit
+(the group join before is not counted).
 
 The reference, in the same run and the same database: a raw binary COPY of the very rows
 ingest stored (same columns, indexes and JSON state bytes) into a fresh schema's usage
-events table, in transactions of the same size, with nothing decided.
+events table, in transactions of the same size (ingest's events per commit), with nothing
+decided.
 
 Also printed: where ingest's time went, and the single-thread Ed25519 verify rate of this
-machine (each report costs one verify).
+machine on the run's own messages (each message costs one verify).
 
 Last line: RESULT events_per_s=<n> copy_rows_per_s=<n> ratio=<x>
 """
@@ -50,9 +56,9 @@ from ledger.store import LedgerApplication
 from ledger.usage import UsageApplication, UsageRecorder
 from ledger.writer import LedgerWriter
 from workers.broker import create_topics, embedded_broker
-from workers.ingest import BATCH_RECORDS_MAX, Ingest, IngestTopics
-from workers.messages import USAGE_TYPE
-from workers.signing import NodeKey, canonical_bytes, verify
+from workers.ingest import BATCH_EVENTS_MAX, BATCH_RECORDS_MAX, Ingest, IngestTopics
+from workers.messages import USAGE_BATCH_TYPE, USAGE_TYPE
+from workers.signing import NodeKey, canonical_bytes, public_key, verify_bytes
 
 GPUS_PER_NODE = 8
 NAMES = uuid.UUID("3d0f8a52-6c1e-4f7b-9a0d-5e2b7c8d9e10")
@@ -76,9 +82,10 @@ class FixedClock:
 
 
 def open_leases(
-    url: str, schema: str, leases_count: int, opened_at: datetime
+    url: str, schema: str, leases_count: int, opened_at: datetime, per_node: int = GPUS_PER_NODE
 ) -> list[tuple[uuid.UUID, str]]:
-    """Providers with one 8-GPU node each, and 1-GPU leases on them: (lease id, node name)."""
+    """Providers with one 8-GPU node each, and `per_node` 1-GPU leases on each: (lease id,
+    node name)."""
     app = LedgerApplication(env=eventsourcing_env(url, schema, 2))
     writer = LedgerWriter(app)
     market_app = MarketplaceApplication(app.app_recorder.datastore, env=app.env)
@@ -88,9 +95,9 @@ def open_leases(
         m.ConfirmDeposit(uuid.uuid4(), uuid.uuid4(), consumer, units(10**6), "0xbench:0")
     )
     leases: list[tuple[uuid.UUID, str]] = []
-    for n in range((leases_count + GPUS_PER_NODE - 1) // GPUS_PER_NODE):
+    for n in range((leases_count + per_node - 1) // per_node):
         name = f"n{n}"
-        count = min(GPUS_PER_NODE, leases_count - len(leases))
+        count = min(per_node, leases_count - len(leases))
         node = Node(
             uid(name),
             "H100",
@@ -115,45 +122,78 @@ def open_leases(
     return leases
 
 
+def report_data(lease_id: str, sequence: int, start: datetime) -> dict[str, Any]:
+    """One lease's report of one 1-second interval (without node id and signature)."""
+    return {
+        "lease_id": lease_id,
+        "sequence": sequence,
+        "interval_start": start.isoformat(),
+        "interval_end": (start + timedelta(seconds=1)).isoformat(),
+        "gpu_count": 1,
+        "wall_time_us": 1_000_000,
+        "device_time_us": 950_000,
+        "flops": 312 * 10**12,
+        "samples": 256,
+        "tokens": 0,
+        "steps": 1,
+        "peak_memory_bytes": 60 * 2**30,
+        "workload": "train",
+        "device": "cuda",
+    }
+
+
 def sign_reports(
-    work: tuple[list[tuple[str, str]], int, int, str],
+    work: tuple[list[tuple[str, str]], int, int, str, int, bool],
 ) -> list[tuple[bytes, bytes]]:
-    """(key, value) of reports `first`..`last` of each lease (runs in a worker process)."""
-    leases, first, last, opened_at = work
+    """(key, value) of the messages carrying reports `first`..`last` of each lease (runs in
+    a worker process): per node, one signed batch per `intervals` intervals, or with
+    `single` one signed message per report."""
+    leases, first, last, opened_at, intervals, single = work
     t0 = datetime.fromisoformat(opened_at)
-    keys: dict[str, NodeKey] = {}
+    by_node: dict[str, list[str]] = {}
+    for lease_id, node in leases:
+        by_node.setdefault(node, []).append(lease_id)
+    keys = {node: NodeKey.from_seed(seed(node)) for node in by_node}
     out = []
-    for sequence in range(first, last + 1):
-        start = t0 + timedelta(seconds=sequence - 1)
-        for lease_id, node in leases:
-            key = keys.get(node) or keys.setdefault(node, NodeKey.from_seed(seed(node)))
-            data: dict[str, Any] = {
-                "lease_id": lease_id,
-                "node_id": str(uid(node)),
-                "sequence": sequence,
-                "interval_start": start.isoformat(),
-                "interval_end": (start + timedelta(seconds=1)).isoformat(),
-                "gpu_count": 1,
-                "wall_time_us": 1_000_000,
-                "device_time_us": 950_000,
-                "flops": 312 * 10**12,
-                "samples": 256,
-                "tokens": 0,
-                "steps": 1,
-                "peak_memory_bytes": 60 * 2**30,
-                "workload": "train",
-                "device": "cuda",
+    for low in range(first, last + 1, intervals):
+        sequences = range(low, min(low + intervals - 1, last) + 1)
+        end = t0 + timedelta(seconds=sequences[-1])
+        for node, node_leases in by_node.items():
+            node_id = str(uid(node))
+            if single:
+                for sequence in sequences:
+                    start = t0 + timedelta(seconds=sequence - 1)
+                    for lease_id in node_leases:
+                        data = {**report_data(lease_id, sequence, start), "node_id": node_id}
+                        data["signature"] = keys[node].sign(data)
+                        envelope = {
+                            "id": str(uuid.uuid4()),
+                            "type": USAGE_TYPE,
+                            "source": f"node/{node_id}",
+                            "subject": lease_id,
+                            "time": (start + timedelta(seconds=1)).isoformat(),
+                            "data": data,
+                        }
+                        out.append((lease_id.encode(), orjson.dumps(envelope)))
+                continue
+            batch: dict[str, Any] = {
+                "node_id": node_id,
+                "reports": [
+                    report_data(lease_id, sequence, t0 + timedelta(seconds=sequence - 1))
+                    for sequence in sequences
+                    for lease_id in node_leases
+                ],
             }
-            data["signature"] = key.sign(data)
+            batch["signature"] = keys[node].sign(batch)
             envelope = {
                 "id": str(uuid.uuid4()),
-                "type": USAGE_TYPE,
-                "source": f"node/{data['node_id']}",
-                "subject": lease_id,
-                "time": (start + timedelta(seconds=1)).isoformat(),
-                "data": data,
+                "type": USAGE_BATCH_TYPE,
+                "source": f"node/{node_id}",
+                "subject": node_id,
+                "time": end.isoformat(),
+                "data": batch,
             }
-            out.append((lease_id.encode(), orjson.dumps(envelope)))
+            out.append((node_id.encode(), orjson.dumps(envelope)))
     return out
 
 
@@ -199,54 +239,45 @@ def raw_copy_rate(url: str, schema: str, rows: list[tuple[Any, ...]], chunk: int
 
 
 def verify_rate(
-    messages: list[tuple[bytes, bytes]], node_names: set[str], count: int = 2_000
+    messages: list[tuple[bytes, bytes]], node_names: set[str], count: int = 500
 ) -> float:
-    """Single-thread Ed25519 verifies per second (cryptography), on the run's own reports."""
-    keys = {str(uid(n)): NodeKey.from_seed(seed(n)).public_key_hex for n in node_names}
-    sample = [orjson.loads(v)["data"] for _, v in messages[:count]]
-    started = time.perf_counter()
-    for d in sample:
-        assert verify(keys[d["node_id"]], d, d["signature"])
-    return len(sample) / (time.perf_counter() - started)
-
-
-def nacl_verify(public_key_hex: str, fields: dict[str, Any], signature_hex: str) -> bool:
-    """`workers.signing.verify` on libsodium (PyNaCl), for comparison only."""
-    import nacl.bindings
-    import nacl.exceptions
-
-    try:
-        nacl.bindings.crypto_sign_open(
-            bytes.fromhex(signature_hex) + canonical_bytes(fields), bytes.fromhex(public_key_hex)
+    """Single-thread Ed25519 verifies per second (cryptography), on the run's own messages
+    (canonical bytes computed beforehand, keys loaded)."""
+    keys = {str(uid(n)): public_key(NodeKey.from_seed(seed(n)).public_key_hex) for n in node_names}
+    sample = []
+    for _, v in messages[:count]:
+        data = orjson.loads(v)["data"]
+        sample.append(
+            (keys[data["node_id"]], canonical_bytes(data), bytes.fromhex(data["signature"]))
         )
-    except (ValueError, nacl.exceptions.BadSignatureError):
-        return False
-    return True
-
-
-def no_verify(public_key_hex: str, fields: dict[str, Any], signature_hex: str) -> bool:
-    """Accepts every signature: measures everything but verification (never use it)."""
-    return True
-
-
-VERIFIERS = {"cryptography": verify, "pynacl": nacl_verify, "none": no_verify}
+    started = time.perf_counter()
+    for key, signed, signature in sample:
+        assert key is not None and verify_bytes(key, signed, signature)
+    return len(sample) / (time.perf_counter() - started)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--leases", type=int, default=400)
-    parser.add_argument("--batch-records-max", type=int, default=BATCH_RECORDS_MAX)
-    parser.add_argument("--verify-threads", type=int, default=2)
     parser.add_argument(
-        "--verifier",
-        choices=("cryptography", "pynacl", "none"),
-        default="cryptography",
-        help="pynacl (libsodium; not a dependency of the project): what a faster verifier "
-        "buys; none: accept every signature unchecked, to measure the rest of the path "
-        "(never a valid configuration)",
+        "--reports", "--messages", dest="reports", type=int, default=200_000,
+        help="usage reports (events) in all (--messages: the old name)",
+    )  # fmt: skip
+    parser.add_argument("--leases", type=int, default=400)
+    parser.add_argument(
+        "--leases-per-node", type=int, default=GPUS_PER_NODE, choices=range(1, GPUS_PER_NODE + 1)
     )
+    parser.add_argument(
+        "--intervals", type=int, default=8, help="report intervals per node batch (1..16)"
+    )
+    parser.add_argument(
+        "--single", action="store_true", help="one signed message per report (the old format)"
+    )
+    parser.add_argument("--batch-records-max", type=int, default=BATCH_RECORDS_MAX)
+    parser.add_argument("--batch-events-max", type=int, default=BATCH_EVENTS_MAX)
+    parser.add_argument("--verify-threads", type=int, default=1)
     args = parser.parse_args()
+    if args.leases_per_node * args.intervals > 128:
+        parser.error("a batch carries at most 128 reports: leases-per-node x intervals")
     logging.basicConfig(level=logging.WARNING)
 
     url = os.environ.get("DATABASE_URL")
@@ -257,24 +288,35 @@ def main() -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for name in (schema, f"{schema}_copy"):
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    print(f"database: {url.split('@')[-1]}  schema: {schema}  verifier: {args.verifier}")
+    shape = (
+        "one signed message per report"
+        if args.single
+        else f"node batches of {args.leases_per_node} leases x {args.intervals} intervals"
+    )
+    print(f"database: {url.split('@')[-1]}  schema: {schema}  messages: {shape}")
 
-    per_lease = max(1, args.messages // args.leases)
+    per_lease = max(1, args.reports // args.leases)
     opened_at = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=per_lease + 3_600)
     started = time.perf_counter()
-    leases = open_leases(url, schema, args.leases, opened_at)
+    leases = open_leases(url, schema, args.leases, opened_at, args.leases_per_node)
     print(f"market: {len(leases)} leases opened in {time.perf_counter() - started:.1f}s")
 
     started = time.perf_counter()
     plain = [(str(lease_id), node) for lease_id, node in leases]
-    step = max(1, per_lease // 16)
+    step = max(args.intervals, (per_lease // 16) // args.intervals * args.intervals)
     work = [
-        (plain, first, min(first + step - 1, per_lease), opened_at.isoformat())
+        (plain, first, min(first + step - 1, per_lease), opened_at.isoformat(), args.intervals,
+         args.single)
         for first in range(1, per_lease + 1, step)
-    ]
+    ]  # fmt: skip
     with ProcessPoolExecutor(2) as pool:
         messages = [m for chunk in pool.map(sign_reports, work) for m in chunk]
-    print(f"signed {len(messages)} reports in {time.perf_counter() - started:.1f}s")
+    reports = per_lease * len(leases)
+    print(
+        f"signed {len(messages)} messages carrying {reports} reports "
+        f"({sum(len(v) for _, v in messages) / len(messages):,.0f} bytes each) "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
 
     servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     with embedded_broker() if not servers else nullcontext(servers) as bootstrap:
@@ -298,29 +340,46 @@ def main() -> None:
                 service,
                 topics=topics,
                 batch_records_max=args.batch_records_max,
+                batch_events_max=args.batch_events_max,
                 verify_threads=args.verify_threads,
-                verifier=VERIFIERS[args.verifier],
             )
             async with ingest:
                 return await ingest.run_until_caught_up(timeout_s=600)
 
         cpu_started = time.process_time()
+        main_started = time.thread_time()
         stats = asyncio.run(run())
         cpu_s = time.process_time() - cpu_started
+        main_cpu_s = time.thread_time() - main_started
         assert stats.first_consumed_at is not None and stats.last_committed_at is not None
         elapsed = stats.last_committed_at - stats.first_consumed_at
-        assert stats.recorded == len(messages), (stats.recorded, stats.reasons)
+        assert stats.recorded == reports, (stats.recorded, stats.reasons)
         rate = stats.recorded / elapsed
+        per_commit = max(1, round(stats.recorded / stats.batches))
+        us = 1e6 / stats.recorded
         print(
-            f"ingest   events committed={stats.recorded} dead-lettered={stats.dead_lettered} "
-            f"in {elapsed:.1f}s -> {rate:,.0f} events/s (batches={stats.batches})"
+            f"ingest   events committed={stats.recorded} from {stats.usage_messages} messages "
+            f"dead-lettered={stats.dead_lettered} in {elapsed:.2f}s -> {rate:,.0f} events/s "
+            f"(commits={stats.batches}, {per_commit} events each)"
         )
         print(
-            f"         time in: decide {stats.decide_s:.1f}s (of it waiting for signatures "
-            f"{stats.verify_wait_s:.1f}s), "
-            f"commit {stats.commit_s:.1f}s (overlaps the next batch's decide); "
-            f"ingest process CPU {cpu_s:.1f}s ({1e6 * cpu_s / stats.recorded:.0f} us per event, "
-            "group join included)"
+            f"         wall time (s; us per event): fetch {stats.fetch_s:.2f} "
+            f"({us * stats.fetch_s:.1f}), decide {stats.decide_s:.2f} ({us * stats.decide_s:.1f})"
+            f" of it waiting for signatures {stats.verify_wait_s:.2f} "
+            f"({us * stats.verify_wait_s:.1f}), dead letters {stats.dead_letter_s:.2f}, "
+            f"commit {stats.commit_s:.2f} ({us * stats.commit_s:.1f}; in a thread, beside the "
+            "next decide)"
+        )
+        print(
+            f"         CPU (s; us per event): parse+validate {stats.parse_s:.2f} "
+            f"({us * stats.parse_s:.1f}), rules+facts {stats.rules_s:.2f} "
+            f"({us * stats.rules_s:.1f}; with the events' JSON states), COPY+commit client side {stats.record_cpu_s:.2f} "
+            f"({us * stats.record_cpu_s:.1f})"
+        )
+        print(
+            f"         ingest process CPU {cpu_s:.1f}s ({us * cpu_s:.1f} us per event, group "
+            f"join included), of it the event loop's thread {main_cpu_s:.1f}s "
+            f"({us * main_cpu_s:.1f}); the rest: verify and commit threads"
         )
         with psycopg.connect(url, autocommit=True) as conn:
             rows = conn.execute(
@@ -330,15 +389,19 @@ def main() -> None:
                 ).format(sql.Identifier(schema))
             ).fetchall()
         app.close()
-    assert len(rows) == len(messages)
+    assert len(rows) == reports
 
     verifies = verify_rate(messages, {node for _, node in leases})
     print(
-        f"ed25519  {verifies:,.0f} verifies/s on one thread ({1e6 / verifies:.0f} us each): "
-        f"at most {2 * verifies:,.0f}/s on 2 cores doing nothing else"
+        f"ed25519  {verifies:,.0f} verifies/s on one thread ({1e6 / verifies:.0f} us each, "
+        f"{1e6 / verifies * len(messages) / reports:.1f} us per event at "
+        f"{reports / len(messages):.0f} reports per message)"
     )
-    copy_rate = raw_copy_rate(url, f"{schema}_copy", rows, args.batch_records_max)
-    print(f"raw COPY of {len(rows)} usage event rows -> {copy_rate:,.0f} rows/s")
+    copy_rate = raw_copy_rate(url, f"{schema}_copy", rows, per_commit)
+    print(
+        f"raw COPY of {len(rows)} usage event rows, {per_commit} per transaction -> "
+        f"{copy_rate:,.0f} rows/s"
+    )
     with psycopg.connect(url, autocommit=True) as conn:
         for name in (schema, f"{schema}_copy"):
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))

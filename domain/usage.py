@@ -32,6 +32,10 @@ Rules, checked in this order (the first that fails is the answer; the codes are 
 
 Everything else is recorded. All times are microseconds or timezone-aware datetimes; all
 counters are non-negative integers (the message schema bounds them).
+
+`check_usage` takes a `UsageRecorded`; `check_report` is the same rules (the one
+implementation) on the report's fields one by one, for ingest's hot loop, which decides
+reports before it makes anything of them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import NamedTuple
 from uuid import UUID
 
 from domain.lease import Lease, LeaseStatus
@@ -128,9 +133,9 @@ class UsageRecorded:
     redelivery, so re-reading a message records the very same fact."""
 
 
-@dataclass(frozen=True, slots=True)
-class LastUsage:
-    """What the rules remember of a lease's last recorded report."""
+class LastUsage(NamedTuple):
+    """What the rules remember of a lease's last recorded report (a tuple: ingest makes
+    one per recorded report)."""
 
     sequence: int
     envelope_id: UUID
@@ -158,81 +163,115 @@ def check_usage(
 ) -> UsageRejected | None:
     """None when `usage` may be recorded; else the first rule it breaks (see the module
     docstring for the rules, in this order)."""
-    if lease is None or lease.id != usage.lease_id:
-        return UsageRejected(RejectReason.unknown_lease, f"no lease {usage.lease_id}")
+    return check_report(
+        lease,
+        last,
+        usage.envelope_id,
+        usage.lease_id,
+        usage.node_id,
+        usage.sequence,
+        usage.interval_start,
+        usage.interval_end,
+        usage.gpu_count,
+        usage.wall_time_us,
+        usage.device_time_us,
+        now + timedelta(seconds=rules.future_tolerance_s),
+        rules,
+    )
+
+
+def check_report(
+    lease: Lease | None,
+    last: LastUsage | None,
+    envelope_id: UUID,
+    lease_id: UUID,
+    node_id: UUID,
+    sequence: int,
+    interval_start: datetime,
+    interval_end: datetime,
+    gpu_count: int,
+    wall_time_us: int,
+    device_time_us: int,
+    latest_end: datetime,
+    rules: UsageRules = DEFAULT_USAGE_RULES,
+) -> UsageRejected | None:
+    """`check_usage` on a report's fields; `latest_end`: now + rules.future_tolerance_s
+    (the latest an interval may end), computed once by a caller deciding many."""
+    if lease is None or lease.id != lease_id:
+        return UsageRejected(RejectReason.unknown_lease, f"no lease {lease_id}")
     if (
         lease.status is LeaseStatus.closed
         and lease.closed_at is not None
-        and usage.interval_end > lease.closed_at
+        and interval_end > lease.closed_at
     ):
         return UsageRejected(
             RejectReason.lease_closed,
             f"lease {lease.id} closed at {lease.closed_at.isoformat()}, "
-            f"the interval ends at {usage.interval_end.isoformat()}",
+            f"the interval ends at {interval_end.isoformat()}",
         )
-    if usage.node_id != lease.node_id:
+    if node_id != lease.node_id:
         return UsageRejected(
             RejectReason.node_mismatch,
-            f"node {usage.node_id} reports for lease {lease.id}, served by node {lease.node_id}",
+            f"node {node_id} reports for lease {lease.id}, served by node {lease.node_id}",
         )
     last_sequence = 0 if last is None else last.sequence
-    if last is not None and usage.sequence <= last.sequence:
-        if usage.sequence == last.sequence and usage.envelope_id == last.envelope_id:
+    if last is not None and sequence <= last_sequence:
+        if sequence == last_sequence and envelope_id == last.envelope_id:
             return UsageRejected(
                 RejectReason.duplicate,
-                f"message {usage.envelope_id} (lease {lease.id} sequence {usage.sequence}) "
-                "is already recorded",
+                f"message {envelope_id} (lease {lease.id} sequence {sequence}) is already recorded",
             )
         return UsageRejected(
             RejectReason.replayed,
-            f"lease {lease.id} sequence {usage.sequence} is at or below the last recorded "
-            f"{last.sequence}",
+            f"lease {lease.id} sequence {sequence} is at or below the last recorded "
+            f"{last_sequence}",
         )
-    if usage.sequence > last_sequence + 1 + rules.sequence_gap_max:
+    if sequence > last_sequence + 1 + rules.sequence_gap_max:
         return UsageRejected(
             RejectReason.out_of_order,
-            f"lease {lease.id} sequence {usage.sequence} runs ahead of the last recorded "
+            f"lease {lease.id} sequence {sequence} runs ahead of the last recorded "
             f"{last_sequence} by more than {1 + rules.sequence_gap_max}",
         )
-    if usage.interval_end <= usage.interval_start:
+    if interval_end <= interval_start:
         return UsageRejected(
             RejectReason.impossible_interval,
-            f"interval ends at {usage.interval_end.isoformat()}, not after its start "
-            f"{usage.interval_start.isoformat()}",
+            f"interval ends at {interval_end.isoformat()}, not after its start "
+            f"{interval_start.isoformat()}",
         )
-    if usage.interval_start < lease.opened_at:
+    if interval_start < lease.opened_at:
         return UsageRejected(
             RejectReason.impossible_interval,
-            f"interval starts at {usage.interval_start.isoformat()}, before lease {lease.id} "
+            f"interval starts at {interval_start.isoformat()}, before lease {lease.id} "
             f"opened at {lease.opened_at.isoformat()}",
         )
-    if usage.interval_end > now + timedelta(seconds=rules.future_tolerance_s):
+    if interval_end > latest_end:
+        now = latest_end - timedelta(seconds=rules.future_tolerance_s)
         return UsageRejected(
             RejectReason.impossible_interval,
-            f"interval ends at {usage.interval_end.isoformat()}, more than "
+            f"interval ends at {interval_end.isoformat()}, more than "
             f"{rules.future_tolerance_s} s after now ({now.isoformat()})",
         )
-    if last is not None and usage.interval_start < last.interval_end:
+    if last is not None and interval_start < last.interval_end:
         return UsageRejected(
             RejectReason.overlapping_interval,
-            f"interval starts at {usage.interval_start.isoformat()}, before the last "
+            f"interval starts at {interval_start.isoformat()}, before the last "
             f"recorded one ended ({last.interval_end.isoformat()})",
         )
-    if usage.gpu_count > lease.gpu_count:
+    if gpu_count > lease.gpu_count:
         return UsageRejected(
             RejectReason.impossible_device_time,
-            f"{usage.gpu_count} GPUs reported, lease {lease.id} has {lease.gpu_count}",
+            f"{gpu_count} GPUs reported, lease {lease.id} has {lease.gpu_count}",
         )
-    interval_us = (usage.interval_end - usage.interval_start) // _MICROSECOND
-    if usage.wall_time_us > interval_us + rules.wall_time_tolerance_us:
+    interval_us = (interval_end - interval_start) // _MICROSECOND
+    if wall_time_us > interval_us + rules.wall_time_tolerance_us:
         return UsageRejected(
             RejectReason.impossible_device_time,
-            f"wall time {usage.wall_time_us} us exceeds the interval's {interval_us} us",
+            f"wall time {wall_time_us} us exceeds the interval's {interval_us} us",
         )
-    if usage.device_time_us > usage.wall_time_us * usage.gpu_count:
+    if device_time_us > wall_time_us * gpu_count:
         return UsageRejected(
             RejectReason.impossible_device_time,
-            f"device time {usage.device_time_us} us exceeds wall time {usage.wall_time_us} us "
-            f"x {usage.gpu_count} GPUs",
+            f"device time {device_time_us} us exceeds wall time {wall_time_us} us "
+            f"x {gpu_count} GPUs",
         )
     return None

@@ -27,7 +27,7 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError, Notification, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresFactory, PostgresTrackingRecorder
 from eventsourcing.projection import Projection
-from eventsourcing.utils import Environment
+from eventsourcing.utils import Environment, get_topic
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
@@ -43,6 +43,10 @@ HOLDS_TABLE_NAME = "pending_holds"
 TRACKING_TABLE_NAME = f"{VIEW_NAME}_tracking"
 PAGE_SIZE_MAX = 1_000
 """Most log events applied in one transaction of the view."""
+
+FACT_TOPICS = tuple(get_topic(c) for c in (AccountOpened, TransferCreated, PendingTransferExpired))
+"""Topics of the events that change the view; the others (rejections, batch records) are
+only tracked."""
 
 _PENDING = int(TransferFlags.pending)
 _POST = int(TransferFlags.post_pending_transfer)

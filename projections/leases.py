@@ -11,13 +11,15 @@ the order pair, GPU model and count, price, escrow held / charged / released and
 covered (NUMERIC(78,0), Python ints), status (`LeaseStatus`), opened_at, ends_at,
 updated_at, alive_at, the liveness state (downtime_open, downtime_s, last heartbeat time and
 sequence), grace_ends_at while paused, and once closed: closed_at, close reason
-(`CloseReason`) and closed_by.
+(`CloseReason`) and closed_by; escrow_final once the unused escrow went back (at the close,
+or by `EscrowReleased` after settlement's last charge).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -29,6 +31,7 @@ from domain import lease as lease_rules
 from domain.lease import (
     CloseReason,
     DowntimeDetected,
+    EscrowReleased,
     EscrowToppedUp,
     HeartbeatRecorded,
     Lease,
@@ -78,6 +81,7 @@ class LeasesRecorder(MarketViewRecorder):
         LeasePaused,
         LeaseResumed,
         LeaseClosed,
+        EscrowReleased,
     )
     tables = (
         table(
@@ -110,6 +114,7 @@ class LeasesRecorder(MarketViewRecorder):
             close_reason="smallint",
             closed_at="timestamptz",
             closed_by="uuid",
+            escrow_final="boolean NOT NULL",
             updated_position="bigint NOT NULL",
         ),
     )
@@ -125,18 +130,29 @@ class LeasesRecorder(MarketViewRecorder):
             states[lease_id] = row.lease
             closed_by[lease_id] = row.closed_by
         changed: dict[UUID, int] = {}
+        runs: dict[UUID, list[tuple[int, HeartbeatRecorded | UsageCharged]]] = {}
+        """Heartbeats and charges of a lease not folded in yet: a run is folded in one step."""
         for position, event in events:
             fact = event.fact
+            lease_id = fact.lease_id
+            changed[lease_id] = position
+            if isinstance(fact, FOLDED_FACTS) and states[lease_id] is not None:
+                runs.setdefault(lease_id, []).append((position, fact))
+                continue
+            run = runs.pop(lease_id, None)
+            if run:
+                states[lease_id] = fold(states[lease_id], run)
             try:
-                states[fact.lease_id] = lease_rules.apply(states[fact.lease_id], fact)
+                states[lease_id] = lease_rules.apply(states[lease_id], fact)
             except AssertionError as e:
                 raise MarketProjectionError(
                     f"notification {position}: {type(fact).__name__} does not apply to lease "
-                    f"{fact.lease_id}: {e}"
+                    f"{lease_id}: {e}"
                 ) from e
             if isinstance(fact, LeaseClosed):
-                closed_by[fact.lease_id] = fact.closed_by
-            changed[fact.lease_id] = position
+                closed_by[lease_id] = fact.closed_by
+        for lease_id, run in runs.items():
+            states[lease_id] = fold(states[lease_id], run)
         updates: list[dict[str, Any]] = []
         for lease_id, position in changed.items():
             state = states[lease_id]
@@ -189,6 +205,93 @@ class LeasesRecorder(MarketViewRecorder):
             params.append(int(status))
         with self.datastore.transaction() as curs:
             return self._rows(curs, SQL(" AND ").join(conditions), params)
+
+
+_NO_TIME = timedelta(0)
+_SECOND = timedelta(seconds=1)
+FOLDED_FACTS = (HeartbeatRecorded, UsageCharged)
+"""The facts a lease gets most of, folded a run at a time (`fold`)."""
+
+
+def fold(lease: Lease | None, run: Sequence[tuple[int, HeartbeatRecorded | UsageCharged]]) -> Lease:
+    """`domain.lease.apply` of each fact of `run` (position, heartbeat or usage charge) in
+    turn, with one copy of the lease instead of one per fact: every fact but the last is
+    checked as `apply` checks it (a heartbeat: the lease not closed, its node, a sequence
+    after the last, the downtime it ends; a charge: escrow not final, the amount drawn is
+    min(requested, available), withheld within it, time not going back) and folded into the
+    fields it changes; the last one goes through `apply` itself, which checks it and the
+    lease's invariants. Equal to `apply` one by one (tested)."""
+    if lease is None or not run:
+        raise MarketProjectionError(f"facts folded into no lease: {run[:1]}")
+    *folded, (last_position, last) = run
+    if folded:
+        sequence = lease.heartbeat_sequence
+        alive_at = lease.alive_at
+        downtime_open = lease.downtime_open
+        downtime_s = lease.downtime_s
+        updated_at = lease.updated_at
+        last_at = lease.last_heartbeat_at
+        charged = lease.escrow_charged
+        uncovered = lease.usage_uncovered
+        closed = lease.status is LeaseStatus.closed
+        for position, f in folded:
+            if isinstance(f, HeartbeatRecorded):
+                seen_at = f.at if f.at < f.recorded_at else f.recorded_at
+                ended = max(seen_at - alive_at, _NO_TIME) // _SECOND if downtime_open else 0
+                if not (
+                    not closed
+                    and f.lease_id == lease.id
+                    and f.node_id == lease.node_id
+                    and f.sequence > sequence
+                    and f.downtime_s == ended
+                ):
+                    raise MarketProjectionError(
+                        f"notification {position}: HeartbeatRecorded does not apply to lease "
+                        f"{f.lease_id} (closed, another node, an old sequence or a wrong "
+                        "downtime)"
+                    )
+                sequence = f.sequence
+                last_at = f.at
+                alive_at = max(alive_at, f.at)
+                downtime_open = False
+                downtime_s += f.downtime_s
+                updated_at = max(updated_at, f.recorded_at)
+            else:
+                available = lease.escrow_held - charged - lease.escrow_released
+                if not (
+                    not (closed and lease.escrow_final)
+                    and f.lease_id == lease.id
+                    and 0 <= f.amount <= f.amount_requested
+                    and 0 <= f.withheld <= f.amount
+                    and f.amount == min(f.amount_requested, available)
+                    and f.charged_at >= updated_at
+                ):
+                    raise MarketProjectionError(
+                        f"notification {position}: UsageCharged does not apply to lease "
+                        f"{f.lease_id} (escrow final, an amount that does not fit the escrow "
+                        "or time going back)"
+                    )
+                charged += f.amount
+                uncovered += f.amount_requested - f.amount
+                updated_at = f.charged_at
+        lease = replace(
+            lease,
+            heartbeat_sequence=sequence,
+            last_heartbeat_at=last_at,
+            alive_at=alive_at,
+            downtime_open=downtime_open,
+            downtime_s=downtime_s,
+            updated_at=updated_at,
+            escrow_charged=charged,
+            usage_uncovered=uncovered,
+        )
+    try:
+        return lease_rules.apply(lease, last)
+    except AssertionError as e:
+        raise MarketProjectionError(
+            f"notification {last_position}: {type(last).__name__} does not apply to lease "
+            f"{last.lease_id}: {e}"
+        ) from e
 
 
 def _lease_row(lease: Lease, closed_by: UUID | None, position: int) -> dict[str, Any]:

@@ -9,8 +9,8 @@ times, so a replay of the topics judges the same) it observes:
   uptime in parts per million (capped at 1,000,000);
 - latency: how late each heartbeat arrived (Kafka's timestamp of the record minus the
   heartbeat's `at`), the window's p99 in milliseconds (nearest-rank);
-- throughput: samples (or tokens) per second of the window from the usage reports, in
-  thousandths (`throughput_milli_per_s`).
+- throughput: samples (or tokens) per second of the window from the usage reports (single
+  ones and each report of a node's usage batch), in thousandths (`throughput_milli_per_s`).
 
 When the newest report time seen passes `window_end + close_delay_s`, the window is judged:
 it fails for downtime when uptime is below `uptime_ppm_min`, and otherwise passes. The
@@ -36,12 +36,14 @@ from domain.verdicts import VerdictRules, window_containing, window_end_of
 from workers.broker import HEARTBEATS, USAGE, VERDICTS
 from workers.messages import (
     HEARTBEAT_TYPE,
+    USAGE_BATCH_TYPE,
     USAGE_TYPE,
     VERDICT_TYPE,
     HeartbeatReport,
     MessageRejectedError,
     UsageReport,
     VerdictReport,
+    batch_reports,
     decode_envelope,
     encode,
     envelope,
@@ -255,6 +257,9 @@ class Checker:
                 self.observe(env.type, payload(HeartbeatReport, env), received_ms)
             elif env.type == USAGE_TYPE:
                 self.observe(env.type, payload(UsageReport, env), received_ms)
+            elif env.type == USAGE_BATCH_TYPE:
+                for report in batch_reports(env):
+                    self.observe(USAGE_TYPE, report, received_ms)
         except MessageRejectedError as e:
             log.debug("checker: skipped a message: %s", e)
 

@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settle",
         add_help=False,
     )
-    worker.add_argument("kind", choices=["gpu", "checker", "ingest", "relay", "settle"], metavar="KIND")
+    worker.add_argument(
+        "kind", choices=["gpu", "checker", "ingest", "relay", "settle"], metavar="KIND"
+    )
     worker.add_argument("options", nargs=argparse.REMAINDER)
     worker.set_defaults(run=_run_worker)
 

@@ -2,8 +2,19 @@
 
 Every `report_interval_s` it closes the meter's interval (`workers.metering.Meter`) into a
 usage report, and every `heartbeat_interval_s` it sends a heartbeat (the first at start).
-Both are signed by the node's key and sent as envelopes keyed by the lease, so one
-lease's messages stay ordered on one partition:
+
+Usage of a node's leases goes through the node's `NodeReporter` (pass `reporter=`): ONE
+signed ``aether.usage_batch.v1`` message per report interval (or per `intervals`
+intervals) carries the reports of every lease the node serves, keyed by the node (see
+`workers.messages`); its envelope id is uuid5(node id, the (lease, sequence) pairs it
+carries), so a resent batch keeps its id. A batch goes when every lease registered with
+the reporter has given it `intervals` reports, when a lease's worker ends, or when the
+oldest report waited `intervals` x the slowest lease's interval; one that would exceed
+BATCH_REPORTS_MAX reports or MESSAGE_BYTES_MAX bytes is split.
+
+Without a reporter (one lease alone, the former format, still accepted), each report and
+each heartbeat is signed by the node's key and sent as an envelope keyed by the lease, so
+one lease's messages stay ordered on one partition:
 
 - topic `USAGE.name`, type `USAGE_TYPE`, data a `UsageReport`;
 - topic `HEARTBEATS.name`, type `HEARTBEAT_TYPE`, data a `HeartbeatReport`;
@@ -43,12 +54,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.broker import HEARTBEATS, USAGE
 from workers.messages import (
+    BATCH_REPORTS_MAX,
     GPU_COUNT_MAX,
     HEARTBEAT_TYPE,
+    MESSAGE_BYTES_MAX,
     SEQUENCE_MAX,
+    USAGE_BATCH_TYPE,
     USAGE_TYPE,
+    Envelope,
     HeartbeatReport,
     UsageReport,
+    batch_data,
     encode,
     envelope,
 )
@@ -102,6 +118,157 @@ def sign_report(report: R, key: NodeKey) -> R:
     return type(report).model_validate({**fields, "signature": key.sign(fields)})
 
 
+class _Deliveries:
+    """Sends in flight, checked in order as they complete (at most PENDING_SENDS_MAX)."""
+
+    def __init__(self, producer: Producer) -> None:
+        self._producer = producer
+        self._pending: deque[tuple[str, asyncio.Future[Any]]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def send(self, topic: str, value: bytes, key: bytes, what: str) -> None:
+        try:
+            delivery = await self._producer.send(topic, value, key=key)
+        except KafkaError as e:
+            raise UsageDeliveryError(f"{what}: the broker refused it: {e}") from e
+        self._pending.append((what, delivery))
+        await self.settle(wait_for_oldest=len(self._pending) > PENDING_SENDS_MAX)
+
+    async def settle(self, wait_for_oldest: bool) -> None:
+        """Check the sends that completed (in order); wait for the oldest if asked."""
+        while self._pending:
+            what, delivery = self._pending[0]
+            if not wait_for_oldest and not delivery.done():
+                return
+            self._pending.popleft()
+            wait_for_oldest = False
+            try:
+                await delivery
+            except KafkaError as e:
+                raise UsageDeliveryError(f"{what}: not delivered: {e}") from e
+
+    async def flush(self, who: str) -> None:
+        try:
+            async with asyncio.timeout(DELIVERY_TIMEOUT_S):
+                while self._pending:
+                    await self.settle(wait_for_oldest=True)
+        except TimeoutError as e:
+            raise UsageDeliveryError(
+                f"{who}: {len(self._pending)} messages not delivered within {DELIVERY_TIMEOUT_S} s"
+            ) from e
+
+
+class NodeReporter:
+    """Signs and sends the usage of every lease a node serves: ONE ``aether.usage_batch.v1``
+    message per report interval, or per `intervals` intervals (see the module docstring).
+    The leases' `GpuWorker`s share it (``reporter=``), on one event loop."""
+
+    def __init__(
+        self,
+        node_id: UUID,
+        key: NodeKey,
+        producer: Producer,
+        *,
+        intervals: int = 1,
+        topic: str = USAGE.name,
+        clock: Clock = utc_now,
+    ) -> None:
+        if not 1 <= intervals <= BATCH_REPORTS_MAX:
+            raise ValueError(f"node {node_id}: intervals is 1 to {BATCH_REPORTS_MAX}: {intervals}")
+        self.node_id = node_id
+        self.intervals = intervals
+        self._key = key
+        self._topic = topic
+        self._clock = clock
+        self._message_key = str(node_id).encode()
+        self._source = f"node/{node_id}"
+        self._deliveries = _Deliveries(producer)
+        self._leases: dict[UUID, float] = {}
+        """The leases served now, with their report interval (s)."""
+        self._waiting: list[UsageReport] = []
+        self._counts: dict[UUID, int] = {}
+        self._oldest_at: float | None = None
+        self.batches_sent = 0
+        self.reports_sent = 0
+
+    def register(self, lease_id: UUID, report_interval_s: float) -> None:
+        """A lease whose worker reports through this node (until `done`)."""
+        if lease_id in self._leases:
+            raise ValueError(f"lease {lease_id} is already reported by node {self.node_id}")
+        self._leases[lease_id] = report_interval_s
+
+    async def add(self, report: UsageReport) -> None:
+        """One closed interval of a registered lease (unsigned: the batch is signed)."""
+        if report.lease_id not in self._leases or report.node_id != self.node_id:
+            raise ValueError(f"lease {report.lease_id} is not served by node {self.node_id}")
+        now = time.monotonic()
+        if self._oldest_at is None:
+            self._oldest_at = now
+        self._waiting.append(report)
+        self._counts[report.lease_id] = self._counts.get(report.lease_id, 0) + 1
+        if self._complete() or now - self._oldest_at >= self._patience_s():
+            await self.flush()
+
+    async def done(self, lease_id: UUID) -> None:
+        """The lease's worker ended (its last report added): send what the others have
+        completed; the node's last lease sends everything and waits for delivery."""
+        self._leases.pop(lease_id, None)
+        if not self._leases:
+            await self.close()
+        elif self._complete():
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Sign and send what is waiting now (split when it would be oversized)."""
+        reports, self._waiting = self._waiting, []
+        self._counts.clear()
+        self._oldest_at = None
+        for start in range(0, len(reports), BATCH_REPORTS_MAX):
+            await self._send(reports[start : start + BATCH_REPORTS_MAX])
+
+    async def close(self) -> None:
+        """Send what is waiting and wait until the broker has every batch."""
+        await self.flush()
+        await self._deliveries.flush(f"node {self.node_id}")
+
+    def _complete(self) -> bool:
+        counts = self._counts
+        return bool(self._leases) and all(
+            counts.get(lease_id, 0) >= self.intervals for lease_id in self._leases
+        )
+
+    def _patience_s(self) -> float:
+        slowest = max(self._leases.values(), default=REPORT_INTERVAL_S_DEFAULT)
+        return self.intervals * slowest
+
+    async def _send(self, reports: list[UsageReport]) -> None:
+        if not reports:
+            return
+        data = batch_data(self.node_id, reports)
+        data["signature"] = self._key.sign(data)
+        carried = ",".join(f"{r.lease_id}:{r.sequence}" for r in reports)
+        message = Envelope(
+            id=uuid5(self.node_id, f"{USAGE_BATCH_TYPE}/{carried}"),
+            type=USAGE_BATCH_TYPE,
+            source=self._source,
+            subject=str(self.node_id),
+            time=self._clock(),
+            data=data,
+        )
+        value = encode(message)
+        if len(value) > MESSAGE_BYTES_MAX and len(reports) > 1:
+            half = len(reports) // 2
+            await self._send(reports[:half])
+            await self._send(reports[half:])
+            return
+        what = f"{USAGE_BATCH_TYPE} of node {self.node_id} ({len(reports)} reports)"
+        await self._deliveries.send(self._topic, value, self._message_key, what)
+        self.batches_sent += 1
+        self.reports_sent += len(reports)
+
+
 class GpuWorker:
     """Runs one lease's workload on this node, metered, reporting to Kafka."""
 
@@ -119,9 +286,12 @@ class GpuWorker:
         *,
         usage_topic: str = USAGE.name,
         heartbeat_topic: str = HEARTBEATS.name,
+        reporter: NodeReporter | None = None,
     ) -> None:
         """`usage_topic` and `heartbeat_topic`: where the reports go (the standard topics
-        unless a test or demo isolates itself on a shared broker)."""
+        unless a test or demo isolates itself on a shared broker). `reporter`: the node's,
+        which batches the usage of all its leases (its topic is used, not `usage_topic`);
+        without one, each report is a message of its own."""
         self._usage_topic = usage_topic
         self._heartbeat_topic = heartbeat_topic
         if not REPORT_INTERVAL_S_MIN <= report_interval_s <= REPORT_INTERVAL_S_MAX:
@@ -145,7 +315,12 @@ class GpuWorker:
         self._message_key = str(lease_id).encode()
         self._source = f"node/{node_id}"
         self._heartbeat_sequence_next = 1
-        self._pending: deque[tuple[str, asyncio.Future[Any]]] = deque()
+        self._deliveries = _Deliveries(producer)
+        self._reporter = reporter
+        if reporter is not None:
+            if reporter.node_id != node_id:
+                raise ValueError(f"lease {lease_id}: the reporter is node {reporter.node_id}'s")
+            reporter.register(lease_id, report_interval_s)
         self._stop = asyncio.Event()
         self._ran = False
 
@@ -202,7 +377,9 @@ class GpuWorker:
             usage_reports += 1
             samples += report.samples
             flops += report.flops
-        await self._flush()
+        if self._reporter is not None:
+            await self._reporter.done(self._lease_id)
+        await self._deliveries.flush(f"lease {self._lease_id}")
         return RunSummary(
             steps=steps,
             usage_reports=usage_reports,
@@ -212,6 +389,9 @@ class GpuWorker:
         )
 
     async def _send_usage(self, report: UsageReport) -> None:
+        if self._reporter is not None:
+            await self._reporter.add(report)
+            return
         await self._send(
             self._usage_topic, USAGE_TYPE, report.sequence, sign_report(report, self._key)
         )
@@ -238,36 +418,7 @@ class GpuWorker:
             data=report,
         )
         what = f"{type_} #{sequence} of lease {self._lease_id}"
-        try:
-            delivery = await self._producer.send(topic, encode(message), key=self._message_key)
-        except KafkaError as e:
-            raise UsageDeliveryError(f"{what}: the broker refused it: {e}") from e
-        self._pending.append((what, delivery))
-        await self._settle(wait_for_oldest=len(self._pending) > PENDING_SENDS_MAX)
-
-    async def _settle(self, wait_for_oldest: bool) -> None:
-        """Check the sends that completed (in order); wait for the oldest if asked."""
-        while self._pending:
-            what, delivery = self._pending[0]
-            if not wait_for_oldest and not delivery.done():
-                return
-            self._pending.popleft()
-            wait_for_oldest = False
-            try:
-                await delivery
-            except KafkaError as e:
-                raise UsageDeliveryError(f"{what}: not delivered: {e}") from e
-
-    async def _flush(self) -> None:
-        try:
-            async with asyncio.timeout(DELIVERY_TIMEOUT_S):
-                while self._pending:
-                    await self._settle(wait_for_oldest=True)
-        except TimeoutError as e:
-            raise UsageDeliveryError(
-                f"lease {self._lease_id}: {len(self._pending)} reports not delivered "
-                f"within {DELIVERY_TIMEOUT_S} s"
-            ) from e
+        await self._deliveries.send(topic, encode(message), self._message_key, what)
 
 
 def _next_tick(previous: float, interval_s: float, now: float) -> float:

@@ -5,25 +5,34 @@ usage, heartbeat and verdict topics. For each batch (`getmany`, at most
 BATCH_RECORDS_MAX records):
 
 1. every message is decoded (`workers.messages.decode_envelope`: oversized, malformed),
-   routed by its type (a type the topic does not carry is `unknown_type`) and its payload
-   validated (malformed);
-2. usage reports and heartbeats must be signed (`unsigned`), by the key registered for the
-   reporting node (`signature_invalid`; an unregistered node's report cannot be verified
-   either). Signatures are verified in a thread pool (VERIFY_THREADS);
-3. usage reports are decided by `domain.usage.check_usage` against the marketplace's lease
-   and the lease's last recorded report (read from the store once per lease, then kept in
-   memory); a lease or node the marketplace does not know makes ingest re-read the
-   marketplace log first (at most once per batch: it may have opened the lease since);
+   routed by its type (a type the topic does not carry is `unknown_type`; the usage topic
+   carries single reports, ``aether.usage.v1``, and node batches, ``aether.usage_batch.v1``)
+   and its payload validated (malformed; a batch's reports in one pydantic-core call);
+2. usage messages (a batch as a whole) and heartbeats must be signed (`unsigned`), by the
+   key registered for the reporting node (`signature_invalid`; an unregistered node's
+   message cannot be verified either). The nodes' keys are loaded once and kept
+   (`workers.signing.public_key`); signatures are verified in a thread pool
+   (VERIFY_THREADS; the verifier releases the GIL) while the next messages are parsed;
+3. each usage report (each report of a verified batch on its own) is decided by
+   `domain.usage.check_report` against the marketplace's lease and the lease's last
+   recorded report (read from the store once per lease, then kept in memory); a lease or
+   node the marketplace does not know makes ingest re-read the marketplace log first (at
+   most once per batch: it may have opened the lease since). A report a rule refuses is
+   dead-lettered alone; the rest of its batch is recorded;
 4. heartbeats and verdicts become `RecordHeartbeat` / `SubmitVerdict` commands of the
    marketplace service, with command_id = uuid5(COMMAND_NAMESPACE, envelope id): a
    redelivered message is an idempotent retry. A command the service refuses is
    dead-lettered as `refused`, with the `MarketError` code in its detail;
 5. every rejected message is produced to the dead-letter topic (an envelope of type
    `aether.dead_letter.v1`: reason, detail, topic, partition, offset, the original key and
-   value as text) and ingest goes on with the next one;
+   value as text) and ingest goes on with the next one. A report refused inside a batch
+   has its own dead letter: `value` is that report's JSON, `report_index` its place in the
+   batch and `envelope_id` the batch's id;
 6. the dead letters are produced and acknowledged (acks="all") BEFORE the batch commits;
-7. ONE Postgres transaction appends the accepted usage events and advances the group's
-   offsets of every partition of the batch (`ledger.usage`), whatever each message became.
+7. ONE Postgres transaction appends the accepted usage events (binary COPY) and advances
+   the group's offsets of every partition of the batch (`ledger.usage`), whatever each
+   message became. A fetch asks for at most BATCH_RECORDS_MAX messages and about
+   BATCH_EVENTS_MAX usage reports (from the reports per message seen so far).
 
 Guarantees. On (re)assignment of partitions the consumer seeks each one to the offset
 stored in Postgres (or the beginning when none is stored), so a restart, a crash or a
@@ -31,7 +40,8 @@ rebalance resumes exactly after the last committed batch: each usage report is r
 most once (also by the events' unique (lease, sequence) key) and, being re-read until its
 batch commits, at least once. Dead letters are at least once: a crash after they were
 produced and before the commit re-reads the batch and produces them again (with the same
-envelope id, uuid5 of group, topic, partition and offset, so readers can drop the repeat);
+envelope id, uuid5 of group, topic, partition and offset (and the report's index in a
+batch), so readers can drop the repeat);
 a dead letter is never lost. Commands sent to the marketplace before a crash are retried
 with the same command id (idempotent). The next batch is decided while the previous one
 commits; if a commit is refused (another consumer moved the offsets: a rebalance zombie)
@@ -54,7 +64,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field, replace
@@ -62,41 +72,53 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid5
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from domain.lease import Lease
 from domain.usage import (
     DEFAULT_USAGE_RULES,
     LastUsage,
-    UsageRecorded,
     UsageRules,
-    check_usage,
+    check_report,
 )
 from domain.verdicts import FailureKind, Verdict
 from ledger.market.service import MarketError, Marketplace, RecordHeartbeat, SubmitVerdict
-from ledger.usage import OffsetAdvance, UsageApplication, UsageConflictError
+from ledger.usage import (
+    OffsetAdvance,
+    ReportStates,
+    UsageApplication,
+    UsageConflictError,
+    UsageRow,
+)
 from workers import messages
 from workers.broker import DEAD_LETTER, HEARTBEATS, USAGE, VERDICTS, Topic, embedded_broker
 from workers.messages import (
+    BATCHED_USAGE_FIELDS,
     DEAD_LETTER_TYPE,
     HEARTBEAT_TYPE,
     MESSAGE_BYTES_MAX,
+    USAGE_BATCH_TYPE,
     USAGE_TYPE,
     VERDICT_TYPE,
     Envelope,
     HeartbeatReport,
     MessageRejectedError,
     RejectReason,
-    UsageReport,
     VerdictReport,
 )
-from workers.signing import verify
+from workers.signing import canonical_bytes, public_key, verify_bytes
 
 log = logging.getLogger(__name__)
 
 BATCH_RECORDS_MAX = 4_000
 """Most messages decided and committed together (one Postgres transaction)."""
+BATCH_EVENTS_MAX = 8_192
+"""About the most usage reports decided and committed together: a fetch asks for this many
+divided by the reports per usage message seen so far (batches carry many)."""
 FETCH_TIMEOUT_MS = 200
 """Longest wait of one fetch for messages."""
 CONNECT_ATTEMPTS_MAX = 120
@@ -106,10 +128,14 @@ CONNECT_BACKOFF_S = 0.5
 CONNECT_BACKOFF_S_MAX = 5.0
 CONFLICTS_IN_A_ROW_MAX = 32
 """Most refused commits in a row (offsets moved by another consumer) before ingest stops."""
-VERIFY_THREADS = 2
-"""Threads verifying signatures (the verifier releases the GIL for part of its work)."""
+VERIFY_THREADS = 1
+"""Threads verifying signatures (the verifier releases the GIL: one thread runs beside the
+event loop; on 2 cores the other is Postgres's)."""
 VERIFY_CHUNK_MAX = 512
 """Most signatures one verifier task checks."""
+VERIFY_CHUNK_REPORTS_MAX = 512
+"""A verifier task starts once its messages carry this many usage reports (small tasks:
+the rules of one chunk run while the next one is verified)."""
 LEASES_CACHED_MAX = 1_000_000
 """Most leases whose last usage ingest remembers; beyond, it forgets them all and reads
 them again from the store."""
@@ -129,10 +155,10 @@ DEAD_LETTER_NAMESPACE = UUID("6a2e9f10-3c5b-5e7d-8f40-b1c2d3e4f5a6")
 """Namespace of the dead letters' envelope ids. Never change."""
 
 Clock = Callable[[], datetime]
-Verifier = Callable[[str, dict[str, Any], str], bool]
-"""(node public key hex, the report's fields, signature hex) -> whether the node signed the
-fields' canonical bytes (`workers.signing.verify`, the default). Called from the verify
-threads."""
+Verifier = Callable[[Ed25519PublicKey, bytes, bytes], bool]
+"""(the node's loaded public key, the canonical bytes of the message's data without the
+signature, the 64-byte signature) -> whether the node signed them
+(`workers.signing.verify_bytes`, the default). Called from the verify threads."""
 
 
 def utc_now() -> datetime:
@@ -188,20 +214,48 @@ class IngestStats:
     conflicts: int = 0
     first_consumed_at: float | None = None
     last_committed_at: float | None = None
+    usage_messages: int = 0
+    """Usage messages (single reports and batches) that passed decoding."""
+    usage_reports: int = 0
+    """Usage reports those carried."""
+    fetch_s: float = 0.0
+    """Time in the consumer's fetch (getmany), after the first messages came."""
     verify_wait_s: float = 0.0
     """Time decisions waited for signatures (verification overlaps parsing)."""
     decide_s: float = 0.0
+    """Time deciding batches (parse, validate, verify, rules), the waits included."""
+    parse_s: float = 0.0
+    """Of decide: CPU time decoding and validating messages (thread time: on a busy
+    machine, wall time counts other processes too)."""
+    rules_s: float = 0.0
+    """Of decide: CPU time of the usage rules and the facts."""
     commit_s: float = 0.0
+    """Time of the commits (in a thread, overlapping the next batch's decide)."""
+    record_cpu_s: float = 0.0
+    """Of commit: CPU time of the commit thread writing (COPY rows, the driver)."""
+    dead_letter_s: float = 0.0
+    """Time producing dead letters."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A message that passed decoding, waiting for its signature and rules."""
 
     record: ConsumerRecord[bytes, bytes]
     envelope: Envelope
-    report: UsageReport | HeartbeatReport | VerdictReport
-    public_key: str | None = None
+    node_id: UUID | None
+    """The signing node (None: a verdict, which is not signed)."""
+    report: HeartbeatReport | VerdictReport | None = None
+    """A heartbeat or a verdict (None: usage)."""
+    usage: Sequence[Mapping[str, Any]] = ()
+    """The usage reports, validated (`messages.UsageReportData` or `BatchedUsage`)."""
+    batched: bool = False
+    """Whether `usage` came in a batch."""
+    signed: bytes = b""
+    """What the signature covers (canonical bytes of the data without the signature)."""
+    signature: bytes = b""
+    key: Ed25519PublicKey | None = None
+    """The node's registered key, loaded."""
     verified: bool = False
 
 
@@ -210,13 +264,17 @@ class _Batch:
     """What one batch decided: facts to store, dead letters to send, offsets to advance."""
 
     generation: int
-    facts: list[UsageRecorded] = field(default_factory=list)
+    rows: list[UsageRow] = field(default_factory=list)
+    """The accepted usage events: (lease id, sequence, state)."""
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     offsets: list[OffsetAdvance] = field(default_factory=list)
     consumed: int = 0
     commands: int = 0
     refreshed: bool = False
     """Whether this batch already re-read the marketplace log."""
+    leases: dict[int, Lease] = field(default_factory=dict)
+    """The marketplace's leases looked up in this batch (by the id's integer), forgotten
+    whenever the marketplace state may have changed (a command, a refresh)."""
 
 
 @dataclass
@@ -258,7 +316,8 @@ class Ingest:
         clock: Clock = utc_now,
         batch_records_max: int = BATCH_RECORDS_MAX,
         verify_threads: int = VERIFY_THREADS,
-        verifier: Verifier = verify,
+        verifier: Verifier = verify_bytes,
+        batch_events_max: int = BATCH_EVENTS_MAX,
         connect_attempts_max: int = CONNECT_ATTEMPTS_MAX,
         session_timeout_ms: int = SESSION_TIMEOUT_MS,
         client_id: str = "aether-ingest",
@@ -273,6 +332,11 @@ class Ingest:
         self.rules = rules
         self.clock = clock
         self.batch_records_max = batch_records_max
+        if not 1 <= batch_events_max <= 1_000_000:
+            raise ValueError(f"batch_events_max must be within 1..1000000: {batch_events_max}")
+        self.batch_events_max = batch_events_max
+        self._reports_per_message = 1.0
+        """Usage reports per usage message in the last batch that had any."""
         self.connect_attempts_max = connect_attempts_max
         self.session_timeout_ms = session_timeout_ms
         self.client_id = client_id
@@ -281,9 +345,10 @@ class Ingest:
         self._verify_pool = ThreadPoolExecutor(verify_threads, thread_name_prefix="verify")
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._last: dict[UUID, LastUsage | None] = {}
-        """Per lease: its last recorded report (None: none), including the batch decided
-        and not committed yet."""
+        self._last: dict[int, LastUsage | None] = {}
+        """Per lease (keyed by the id's integer: a UUID's hash and equality are Python
+        code): its last recorded report (None: none), including the batch decided and not
+        committed yet."""
         self._stored: dict[TopicPartition, int | None] = {}
         """Per assigned partition: the stored next offset as of our last commit (decided
         batches included)."""
@@ -431,18 +496,27 @@ class Ingest:
     async def step(self, timeout_ms: int = FETCH_TIMEOUT_MS) -> int:
         """Fetch, decide and hand one batch to the committer; returns the messages read."""
         consumer = self._require_consumer()
-        records = await consumer.getmany(timeout_ms=timeout_ms, max_records=self.batch_records_max)
+        max_records = max(
+            1,
+            min(self.batch_records_max, int(self.batch_events_max / self._reports_per_message)),
+        )
+        fetching = time.perf_counter()
+        records = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        started = time.perf_counter()
         if not records:
             return 0
-        started = time.perf_counter()
         if self.stats.first_consumed_at is None:
             self.stats.first_consumed_at = started
+        else:
+            self.stats.fetch_s += started - fetching
         batch = await self._decide(records)
         self.stats.decide_s += time.perf_counter() - started
         if batch.generation != self._generation:
             log.info("dropping a batch decided before the assignment changed")
             return batch.consumed
+        sending = time.perf_counter()
         await self._send_dead_letters(batch)
+        self.stats.dead_letter_s += time.perf_counter() - sending
         await self._finish_inflight()
         if batch.generation != self._generation:
             log.info("dropping a batch decided before the offsets were reset")
@@ -459,6 +533,9 @@ class Ingest:
         now = self.clock()
         chunks: list[_Chunk] = []
         current: list[_Pending] = []
+        current_reports = 0
+        usage_messages = usage_reports = 0
+        parsing = time.thread_time()
         for tp, tp_records in records.items():
             if not tp_records:
                 continue
@@ -470,65 +547,117 @@ class Ingest:
             self._stored[tp] = next_offset
             for record in tp_records:
                 try:
-                    current.append(self._parse(record))
+                    pending = self._parse(record)
                 except MessageRejectedError as e:
                     self._dead_letter(batch, record, e.reason, e.detail, now)
-                if len(current) >= VERIFY_CHUNK_MAX:
+                    continue
+                current.append(pending)
+                if pending.usage:
+                    usage_messages += 1
+                    usage_reports += len(pending.usage)
+                    current_reports += len(pending.usage)
+                if len(current) >= VERIFY_CHUNK_MAX or current_reports >= VERIFY_CHUNK_REPORTS_MAX:
+                    self.stats.parse_s += time.thread_time() - parsing
                     chunks.append(self._start_verify(batch, current))
+                    parsing = time.thread_time()
                     current = []
+                    current_reports = 0
+        self.stats.parse_s += time.thread_time() - parsing
         if current:
             chunks.append(self._start_verify(batch, current))
+        if usage_messages:
+            self._reports_per_message = usage_reports / usage_messages
+            self.stats.usage_messages += usage_messages
+            self.stats.usage_reports += usage_reports
         await self._load_last_usage(
-            p.report.lease_id
-            for chunk in chunks
-            for p in chunk.pending
-            if isinstance(p.report, UsageReport)
+            r["lease_id"] for chunk in chunks for p in chunk.pending for r in p.usage
         )
         for chunk in chunks:
             await self._finish_verify(batch, chunk, now)
+            deciding = time.thread_time()
             for p in chunk.pending:
                 if not p.verified:
                     continue
-                if isinstance(p.report, UsageReport):
+                if p.usage:
                     self._decide_usage(batch, p, now)
                 else:
+                    self.stats.rules_s += time.thread_time() - deciding
                     await self._send_command(batch, p, now)
+                    deciding = time.thread_time()
+            self.stats.rules_s += time.thread_time() - deciding
         return batch
 
     def _parse(self, record: ConsumerRecord[Any, Any]) -> _Pending:
         envelope = messages.decode_envelope(record.value)
-        expected = {
-            self.topics.usage.name: USAGE_TYPE,
-            self.topics.heartbeats.name: HEARTBEAT_TYPE,
-            self.topics.verdicts.name: VERDICT_TYPE,
-        }[record.topic]
-        if envelope.type != expected:
-            raise MessageRejectedError(
-                RejectReason.unknown_type,
-                f"message {envelope.id}: type {envelope.type!r} on topic {record.topic} "
-                f"(which carries {expected})",
+        topic = record.topic
+        type_ = envelope.type
+        if topic == self.topics.usage.name:
+            if type_ == USAGE_BATCH_TYPE:
+                batch = messages.usage_batch(envelope)
+                node_id = batch["node_id"]
+                signature = batch.get("signature")
+                usage: Sequence[Mapping[str, Any]] = batch["reports"]
+                batched = True
+            elif type_ == USAGE_TYPE:
+                report = messages.usage_report_data(envelope)
+                node_id = report["node_id"]
+                signature = report.get("signature")
+                # As a batch's report is (the fields and order `ReportStates` writes).
+                usage = ({name: report[name] for name in BATCHED_USAGE_FIELDS},)  # type: ignore[literal-required]
+                batched = False
+            else:
+                raise self._unknown_type(envelope, topic, f"{USAGE_TYPE} or {USAGE_BATCH_TYPE}")
+            if signature is None:
+                raise MessageRejectedError(
+                    RejectReason.unsigned, f"message {envelope.id} from node {node_id}"
+                )
+            return _Pending(
+                record,
+                envelope,
+                node_id,
+                usage=usage,
+                batched=batched,
+                signed=canonical_bytes(envelope.data),
+                signature=bytes.fromhex(signature),
             )
-        report: UsageReport | HeartbeatReport | VerdictReport
-        if expected == USAGE_TYPE:
-            report = messages.payload(UsageReport, envelope)
-        elif expected == HEARTBEAT_TYPE:
-            report = messages.payload(HeartbeatReport, envelope)
-        else:
-            return _Pending(record, envelope, messages.payload(VerdictReport, envelope), None, True)
-        if report.signature is None:
-            raise MessageRejectedError(
-                RejectReason.unsigned, f"message {envelope.id} from node {report.node_id}"
+        if topic == self.topics.heartbeats.name:
+            if type_ != HEARTBEAT_TYPE:
+                raise self._unknown_type(envelope, topic, HEARTBEAT_TYPE)
+            beat = messages.payload(HeartbeatReport, envelope)
+            if beat.signature is None:
+                raise MessageRejectedError(
+                    RejectReason.unsigned, f"message {envelope.id} from node {beat.node_id}"
+                )
+            return _Pending(
+                record,
+                envelope,
+                beat.node_id,
+                report=beat,
+                signed=canonical_bytes(envelope.data),
+                signature=bytes.fromhex(beat.signature),
             )
-        return _Pending(record, envelope, report)
+        if type_ != VERDICT_TYPE:
+            raise self._unknown_type(envelope, topic, VERDICT_TYPE)
+        verdict = messages.payload(VerdictReport, envelope)
+        return _Pending(record, envelope, None, report=verdict, verified=True)
+
+    @staticmethod
+    def _unknown_type(envelope: Envelope, topic: str, carried: str) -> MessageRejectedError:
+        return MessageRejectedError(
+            RejectReason.unknown_type,
+            f"message {envelope.id}: type {envelope.type!r} on topic {topic} "
+            f"(which carries {carried})",
+        )
 
     def _start_verify(self, batch: _Batch, pending: list[_Pending]) -> _Chunk:
-        """Resolve the node key of each signed report of `pending` and start verifying
+        """Resolve the node key of each signed message of `pending` and start verifying
         their signatures in the thread pool."""
         signed = [p for p in pending if not p.verified]
-        keys = self._node_keys(batch, {p.report.node_id for p in signed}) if signed else {}
+        node_ids = {p.node_id for p in signed if p.node_id is not None}
+        keys = self._node_keys(batch, node_ids) if signed else {}
         for p in signed:
-            p.public_key = keys.get(p.report.node_id)
-        checkable = [p for p in signed if p.public_key is not None]
+            p.key = None if p.node_id is None else keys.get(p.node_id)
+        checkable = [p for p in signed if p.key is not None]
         future = (
             asyncio.get_running_loop().run_in_executor(
                 self._verify_pool, _verify_chunk, self.verifier, checkable
@@ -550,13 +679,13 @@ class Ingest:
             if p.verified:
                 continue
             detail = (
-                f"message {p.envelope.id}: no key is registered for node {p.report.node_id}"
-                if p.public_key is None
-                else f"message {p.envelope.id}: not signed by node {p.report.node_id}'s key"
+                f"message {p.envelope.id}: no key is registered for node {p.node_id}"
+                if p.key is None
+                else f"message {p.envelope.id}: not signed by node {p.node_id}'s key"
             )
             self._dead_letter(batch, p.record, RejectReason.signature_invalid, detail, now)
 
-    def _node_keys(self, batch: _Batch, node_ids: set[UUID]) -> dict[UUID, str]:
+    def _node_keys(self, batch: _Batch, node_ids: set[UUID]) -> dict[UUID, Ed25519PublicKey]:
         """The registered public key of each node that has one; re-reads the marketplace
         log first if some node is unknown."""
         keys = self._known_keys(node_ids)
@@ -565,66 +694,100 @@ class Ingest:
             keys = self._known_keys(node_ids)
         return keys
 
-    def _known_keys(self, node_ids: set[UUID]) -> dict[UUID, str]:
+    def _known_keys(self, node_ids: set[UUID]) -> dict[UUID, Ed25519PublicKey]:
+        """The loaded key of each node the marketplace knows (a key that does not load is
+        as good as none: nothing verifies against it)."""
         state = self.market.state
-        keys: dict[UUID, str] = {}
+        keys: dict[UUID, Ed25519PublicKey] = {}
         for node_id in node_ids:
             provider_id = state.node_provider.get(node_id)
             provider = None if provider_id is None else state.providers.get(provider_id)
             node = None if provider is None else provider.node(node_id)
-            if node is not None:
-                keys[node_id] = node.public_key
+            key = None if node is None else public_key(node.public_key)
+            if key is not None:
+                keys[node_id] = key
         return keys
 
     def _refresh_market(self, batch: _Batch) -> None:
         """Read what the marketplace log holds since the service's last look (at most once
         per batch: unknown ids in a flood of bad messages cost one indexed read each batch)."""
         batch.refreshed = True
+        batch.leases.clear()
         # The service has no public read-only catch-up: the one `handle` starts with.
         self.market.refresh()
 
     async def _load_last_usage(self, lease_ids: Iterable[UUID]) -> None:
-        missing = {lease_id for lease_id in lease_ids if lease_id not in self._last}
+        known = self._last
+        missing = {lease_id.int: lease_id for lease_id in lease_ids if lease_id.int not in known}
         if not missing:
             return
-        if len(self._last) + len(missing) > LEASES_CACHED_MAX:
-            self._last.clear()
-        found = await asyncio.to_thread(self.usage.last_usages, missing)
-        for lease_id in missing:
-            self._last[lease_id] = found.get(lease_id)
+        if len(known) + len(missing) > LEASES_CACHED_MAX:
+            known.clear()
+        found = await asyncio.to_thread(self.usage.last_usages, missing.values())
+        for key, lease_id in missing.items():
+            known[key] = found.get(lease_id)
 
     def _decide_usage(self, batch: _Batch, p: _Pending, now: datetime) -> None:
-        report = p.report
-        assert isinstance(report, UsageReport)
-        fact = UsageRecorded(
-            envelope_id=p.envelope.id,
-            lease_id=report.lease_id,
-            node_id=report.node_id,
-            sequence=report.sequence,
-            interval_start=report.interval_start,
-            interval_end=report.interval_end,
-            gpu_count=report.gpu_count,
-            wall_time_us=report.wall_time_us,
-            device_time_us=report.device_time_us,
-            flops=report.flops,
-            samples=report.samples,
-            tokens=report.tokens,
-            steps=report.steps,
-            peak_memory_bytes=report.peak_memory_bytes,
-            workload=report.workload,
-            device=report.device,
-            received_at=_record_time(p.record.timestamp),
-        )
-        lease = self.market.state.leases.get(fact.lease_id)
+        """Each report of a verified usage message, by the rules, in order: the accepted
+        become rows to append, each refused one a dead letter of its own."""
+        envelope_id = p.envelope.id
+        node_id = p.node_id
+        assert node_id is not None
+        states = ReportStates(envelope_id, node_id, _record_time(p.record.timestamp))
+        state = states.state
+        leases = batch.leases
+        last_of = self._last
+        rules = self.rules
+        latest_end = now + timedelta(seconds=rules.future_tolerance_s)
+        rows = batch.rows
+        for index, r in enumerate(p.usage):
+            lease_id = r["lease_id"]
+            key = lease_id.int
+            lease = leases.get(key)
+            if lease is None:
+                lease = self._lease(batch, lease_id)
+            sequence = r["sequence"]
+            interval_end = r["interval_end"]
+            rejected = check_report(
+                lease,
+                last_of.get(key),
+                envelope_id,
+                lease_id,
+                node_id,
+                sequence,
+                r["interval_start"],
+                interval_end,
+                r["gpu_count"],
+                r["wall_time_us"],
+                r["device_time_us"],
+                latest_end,
+                rules,
+            )
+            if rejected is not None:
+                self._dead_letter(
+                    batch,
+                    p.record,
+                    rejected.reason,
+                    f"{rejected.detail} (message {envelope_id}"
+                    + (f", report {index})" if p.batched else ")"),
+                    now,
+                    report=(index, p.envelope.data["reports"][index]) if p.batched else None,
+                    envelope_id=envelope_id,
+                )
+                continue
+            rows.append((lease_id, sequence, state(r)))
+            last_of[key] = LastUsage(sequence, envelope_id, interval_end)
+
+    def _lease(self, batch: _Batch, lease_id: UUID) -> Lease | None:
+        """The marketplace's lease (re-reading its log once per batch for one it does not
+        know), remembered for the batch (until a command or a refresh changes the state)."""
+        lease = self.market.state.leases.get(lease_id)
         if lease is None and not batch.refreshed:
             self._refresh_market(batch)
-            lease = self.market.state.leases.get(fact.lease_id)
-        rejected = check_usage(lease, self._last.get(fact.lease_id), fact, now, self.rules)
-        if rejected is not None:
-            self._dead_letter(batch, p.record, rejected.reason, rejected.detail, now)
-            return
-        batch.facts.append(fact)
-        self._last[fact.lease_id] = LastUsage.of(fact)
+            lease = self.market.state.leases.get(lease_id)
+        if lease is not None:
+            batch.leases[lease_id.int] = lease
+        return lease
 
     async def _send_command(self, batch: _Batch, p: _Pending, now: datetime) -> None:
         command_id = uuid5(COMMAND_NAMESPACE, str(p.envelope.id))
@@ -653,6 +816,7 @@ class Ingest:
                     report.evidence_hash,
                 ),
             )
+        batch.leases.clear()
         try:
             await asyncio.to_thread(self.market.handle, command)
         except MarketError as e:
@@ -673,8 +837,15 @@ class Ingest:
         reason: RejectReason,
         detail: str,
         now: datetime,
+        *,
+        report: tuple[int, Any] | None = None,
+        envelope_id: UUID | None = None,
     ) -> None:
-        batch.dead_letters.append(dead_letter(record, reason, detail, self.group_id, now))
+        batch.dead_letters.append(
+            dead_letter(
+                record, reason, detail, self.group_id, now, report=report, envelope_id=envelope_id
+            )
+        )
         self.stats.reasons[reason.value] += 1
 
     async def _send_dead_letters(self, batch: _Batch) -> None:
@@ -690,14 +861,22 @@ class Ingest:
 
     async def _commit(self, batch: _Batch) -> None:
         started = time.perf_counter()
-        await asyncio.to_thread(self.usage.record, batch.facts, self.group_id, batch.offsets)
+        await asyncio.to_thread(self._record, batch)
         finished = time.perf_counter()
         self.stats.commit_s += finished - started
         self.stats.last_committed_at = finished
         self.stats.batches += 1
         self.stats.consumed += batch.consumed
-        self.stats.recorded += len(batch.facts)
+        self.stats.recorded += len(batch.rows)
         self.stats.commands += batch.commands
+
+    def _record(self, batch: _Batch) -> None:
+        """Append the batch's rows and advance its offsets (in the commit thread)."""
+        started = time.thread_time()
+        try:
+            self.usage.record_rows(batch.rows, self.group_id, batch.offsets)
+        finally:
+            self.stats.record_cpu_s += time.thread_time() - started
 
     async def _finish_inflight(self, *, reset_on_conflict: bool = True) -> None:
         """Wait for the commit in flight; a refused one resets to the stored offsets (or,
@@ -774,10 +953,8 @@ def _record_time(timestamp_ms: int) -> datetime:
 def _verify_chunk(verifier: Verifier, chunk: Sequence[_Pending]) -> list[bool]:
     results = []
     for p in chunk:
-        report = p.report
-        assert p.public_key is not None and not isinstance(report, VerdictReport)
-        assert report.signature is not None
-        results.append(verifier(p.public_key, p.envelope.data, report.signature))
+        assert p.key is not None
+        results.append(verifier(p.key, p.signed, p.signature))
     return results
 
 
@@ -787,13 +964,23 @@ def dead_letter(
     detail: str,
     group_id: str,
     now: datetime,
+    *,
+    report: tuple[int, Any] | None = None,
+    envelope_id: UUID | None = None,
 ) -> tuple[bytes | None, bytes]:
-    """The (key, value) of the dead letter of a rejected message (see the module docstring)."""
+    """The (key, value) of the dead letter of a rejected message, or of one report of a
+    batch, `report` = (its index, its JSON as sent) (see the module docstring)."""
     raw_value: bytes = record.value or b""
     raw_key: bytes | None = record.key
-    value = raw_value.decode("utf-8", errors="backslashreplace")
+    report_index = None if report is None else report[0]
+    if report is None:
+        value = raw_value.decode("utf-8", errors="backslashreplace")
+    else:
+        value = orjson.dumps(report[1]).decode()
     key = None if raw_key is None else raw_key.decode("utf-8", errors="backslashreplace")
     where = f"{record.topic}/{record.partition}/{record.offset}"
+    if report_index is not None:
+        where = f"{where}/{report_index}"
     subject = (
         key if key and len(key) <= messages.TEXT_LENGTH_MAX else where[-messages.TEXT_LENGTH_MAX :]
     )
@@ -813,6 +1000,8 @@ def dead_letter(
             "value": value[:DEAD_LETTER_VALUE_CHARS_MAX],
             "value_bytes": len(raw_value),
             "value_truncated": len(value) > DEAD_LETTER_VALUE_CHARS_MAX,
+            **({} if envelope_id is None else {"envelope_id": str(envelope_id)}),
+            **({} if report_index is None else {"report_index": report_index}),
         },
     )
     return raw_key, messages.encode(envelope)

@@ -28,7 +28,7 @@ from ledger.market import service as m
 from ledger.usage import UsageApplication
 from workers.broker import create_topics
 from workers.checker import Checker, CheckerRules, p99_ms
-from workers.gpu_worker import GpuWorker, sign_report
+from workers.gpu_worker import GpuWorker, NodeReporter, sign_report
 from workers.ingest import Ingest, IngestTopics
 from workers.messages import USAGE_TYPE, UsageReport, encode, envelope
 from workers.signing import NodeKey
@@ -132,11 +132,12 @@ async def run_live(
             heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
             usage_topic=topics.usage.name,
             heartbeat_topic=topics.heartbeats.name,
+            reporter=NodeReporter(node.node_id, key, producer, topic=topics.usage.name),
         )
         say(
             f"GPU worker on {node.gpu_model} node {str(node.node_id)[:8]}: torch training "
-            f"on {workload.device} for {LIVE_SECONDS:.0f} s, a signed usage report every "
-            f"{REPORT_INTERVAL_S:.0f} s, a heartbeat every {HEARTBEAT_INTERVAL_S:.0f} s"
+            f"on {workload.device} for {LIVE_SECONDS:.0f} s, the node's signed usage batch "
+            f"every {REPORT_INTERVAL_S:.0f} s, a heartbeat every {HEARTBEAT_INTERVAL_S:.0f} s"
         )
         summary = await worker.run(seconds_max=LIVE_SECONDS)
         say(

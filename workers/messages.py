@@ -8,18 +8,64 @@ An envelope::
 
 `type` names the payload and its version; `subject` is the message key (a lease or a node),
 so one key stays ordered on one partition. Amounts and counters are JSON integers (decimal
-strings are accepted too, for readers whose numbers are doubles). A node signs its reports
-(`workers.signing`): `data.signature` covers `data` without it.
+strings are accepted too, for readers whose numbers are doubles, and needed past 2**64-1,
+which orjson reads as a double). A node signs its reports (`workers.signing`):
+`data.signature` (128 hex digits, Ed25519) covers `data` without it, as canonical JSON
+(keys sorted at every level, no spaces: `workers.signing.canonical_bytes`).
+
+Usage, in one of two types on the usage topic:
+
+- ``aether.usage.v1`` (one report; subject and key: the lease id): `data` is a
+  `UsageReport` (lease_id, node_id, sequence, interval_start, interval_end, gpu_count,
+  wall_time_us, device_time_us, flops, samples, tokens, steps, peak_memory_bytes,
+  workload, device, signature).
+- ``aether.usage_batch.v1`` (what a node sends: ONE signed message per report interval, or
+  per `intervals` intervals, carrying the reports of every lease the node serves; subject
+  and key: the node id, source ``node/<node id>``)::
+
+      "data": {"node_id": "<uuid>",
+               "reports": [{"lease_id": "<uuid>", "sequence": 7,
+                            "interval_start": "...", "interval_end": "...",
+                            "gpu_count": 1, "wall_time_us": 10000000,
+                            "device_time_us": 9500000, "flops": 3120000000000000,
+                            "samples": 2560, "tokens": 0, "steps": 10,
+                            "peak_memory_bytes": 64424509440,
+                            "workload": "train", "device": "cuda"}, ...],
+               "signature": "<128 hex>"}
+
+  Each report is a `UsageReport` without node_id (the batch's) and signature (the batch's
+  one signature covers `data`: node_id and every report, in order). Each report keeps its
+  own lease, per-lease sequence and interval; a lease may appear several times (several
+  intervals, in sequence order). At most BATCH_REPORTS_MAX reports and MESSAGE_BYTES_MAX
+  bytes (else `oversized`). Ingest verifies the batch once: a batch that is unsigned,
+  forged or altered is dead-lettered whole (`unsigned`, `signature_invalid`); in a batch
+  that verifies, each report is checked by the usage rules on its own, so one bad report
+  (unknown lease, replayed, overlapping, impossible...) is dead-lettered alone, with its
+  index in the batch, and the others are recorded. Every recorded report of a batch
+  carries the batch's envelope id.
+
+Validation of a batch is one compiled pydantic-core call (`USAGE_BATCH_ADAPTER`, over
+TypedDicts) for all its reports.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NotRequired, TypeVar
 from uuid import UUID
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
+from typing_extensions import TypedDict
 
 from domain.usage import RejectReason as RejectReason
 
@@ -30,8 +76,11 @@ COUNTER_MAX = 2**127
 """Bound on FLOPs and other counters (far above any real interval)."""
 GPU_COUNT_MAX = 1_024
 TEXT_LENGTH_MAX = 128
+BATCH_REPORTS_MAX = 128
+"""Most reports in one usage batch (a node of 8 leases: 16 intervals); more is oversized."""
 
 USAGE_TYPE = "aether.usage.v1"
+USAGE_BATCH_TYPE = "aether.usage_batch.v1"
 HEARTBEAT_TYPE = "aether.heartbeat.v1"
 VERDICT_TYPE = "aether.verdict.v1"
 DEAD_LETTER_TYPE = "aether.dead_letter.v1"
@@ -79,6 +128,68 @@ class UsageReport(_Model):
     workload: Text
     device: Text
     signature: Signature | None = None
+
+
+UsageCounter = Annotated[int, Field(ge=0, le=COUNTER_MAX)]
+GpuCount = Annotated[int, Field(ge=1, le=GPU_COUNT_MAX)]
+
+
+@with_config(ConfigDict(extra="forbid", strict=False))
+class BatchedUsage(TypedDict):
+    """One lease's report in a usage batch: a `UsageReport` without node_id and signature."""
+
+    lease_id: UUID
+    sequence: Sequence
+    interval_start: AwareDatetime
+    interval_end: AwareDatetime
+    gpu_count: GpuCount
+    wall_time_us: UsageCounter
+    device_time_us: UsageCounter
+    flops: UsageCounter
+    samples: UsageCounter
+    tokens: UsageCounter
+    steps: UsageCounter
+    peak_memory_bytes: UsageCounter
+    workload: Text
+    device: Text
+
+
+@with_config(ConfigDict(extra="forbid", strict=False))
+class UsageBatch(TypedDict):
+    """The data of an ``aether.usage_batch.v1`` message (see the module docstring)."""
+
+    node_id: UUID
+    reports: Annotated[list[BatchedUsage], Field(min_length=1, max_length=BATCH_REPORTS_MAX)]
+    signature: NotRequired[Signature]
+
+
+@with_config(ConfigDict(extra="forbid", strict=False))
+class UsageReportData(TypedDict):
+    """The data of an ``aether.usage.v1`` message, as ingest validates it (the same fields
+    and bounds as `UsageReport`, as a dict)."""
+
+    lease_id: UUID
+    node_id: UUID
+    sequence: Sequence
+    interval_start: AwareDatetime
+    interval_end: AwareDatetime
+    gpu_count: GpuCount
+    wall_time_us: UsageCounter
+    device_time_us: UsageCounter
+    flops: UsageCounter
+    samples: UsageCounter
+    tokens: UsageCounter
+    steps: UsageCounter
+    peak_memory_bytes: UsageCounter
+    workload: Text
+    device: Text
+    signature: NotRequired[Signature | None]
+
+
+BATCHED_USAGE_FIELDS: tuple[str, ...] = tuple(BatchedUsage.__annotations__)
+"""A batched report's fields, in order (a validated report dict has them in this order)."""
+USAGE_BATCH_ADAPTER: TypeAdapter[UsageBatch] = TypeAdapter(UsageBatch)
+USAGE_REPORT_ADAPTER: TypeAdapter[UsageReportData] = TypeAdapter(UsageReportData)
 
 
 class HeartbeatReport(_Model):
@@ -149,6 +260,62 @@ def decode_envelope(value: bytes | None) -> Envelope:
 def payload(cls: type[M], envelope: Envelope) -> M:
     try:
         return cls.model_validate(envelope.data)
+    except ValidationError as e:
+        raise MessageRejectedError(RejectReason.malformed, _short(e)) from e
+
+
+def usage_batch(envelope: Envelope) -> UsageBatch:
+    """The validated data of a usage batch; MessageRejectedError (oversized: more than
+    BATCH_REPORTS_MAX reports; malformed) otherwise."""
+    reports = envelope.data.get("reports")
+    if isinstance(reports, list) and len(reports) > BATCH_REPORTS_MAX:
+        raise MessageRejectedError(
+            RejectReason.oversized,
+            f"message {envelope.id}: {len(reports)} reports, at most {BATCH_REPORTS_MAX} "
+            "in one batch",
+        )
+    try:
+        return USAGE_BATCH_ADAPTER.validate_python(envelope.data)
+    except ValidationError as e:
+        raise MessageRejectedError(RejectReason.malformed, _short(e)) from e
+
+
+def usage_report_data(envelope: Envelope) -> UsageReportData:
+    """The validated data of a single usage report (a dict); MessageRejectedError otherwise."""
+    try:
+        return USAGE_REPORT_ADAPTER.validate_python(envelope.data)
+    except ValidationError as e:
+        raise MessageRejectedError(RejectReason.malformed, _short(e)) from e
+
+
+def batch_data(node_id: UUID, reports: Iterable[UsageReport]) -> dict[str, Any]:
+    """The JSON data of a usage batch of `reports` (all the node's), unsigned: each report
+    as its JSON without node_id and signature. Counters past 2**64-1 are sent as decimal
+    strings (JSON numbers that large are read as doubles by many readers, orjson too)."""
+    items = []
+    for report in reports:
+        if report.node_id != node_id:
+            raise ValueError(f"report of lease {report.lease_id} is from node {report.node_id}")
+        item = report.model_dump(mode="json", exclude={"node_id", "signature"})
+        for name, value in item.items():
+            if type(value) is int and value > _JSON_INT_MAX:
+                item[name] = str(value)
+        items.append(item)
+    return {"node_id": str(node_id), "reports": items}
+
+
+_JSON_INT_MAX = 2**64 - 1
+
+
+def batch_reports(envelope: Envelope) -> list[UsageReport]:
+    """The reports of a usage batch as `UsageReport`s (node_id from the batch, unsigned);
+    MessageRejectedError when the batch is not valid. For readers (the checker), not the
+    ingest's hot path."""
+    batch = usage_batch(envelope)
+    try:
+        return [
+            UsageReport.model_validate({**r, "node_id": batch["node_id"]}) for r in batch["reports"]
+        ]
     except ValidationError as e:
         raise MessageRejectedError(RejectReason.malformed, _short(e)) from e
 

@@ -10,13 +10,13 @@ import logging
 from collections.abc import Sequence
 from uuid import UUID
 
-from ledger.config import Settings
-from ledger.usage import UsageApplication
-from workers.bootstrap import open_market
 from domain.lease import LeaseRules
 from domain.settlement import SettlementRules
+from ledger.config import Settings
 from ledger.market.service import MarketRules
 from ledger.settlement import SettlementApplication, SettlementLog
+from ledger.usage import UsageApplication
+from workers.bootstrap import open_market
 from workers.broker import (
     LEDGER_EVENTS,
     MARKETPLACE_EVENTS,
@@ -49,7 +49,9 @@ def run_relay(settings: Settings, argv: Sequence[str]) -> int:
             ],
             kafka,
         )
-        log.info("relay: publishing the ledger, marketplace, usage and settlement logs to %s", kafka)
+        log.info(
+            "relay: publishing the ledger, marketplace, usage and settlement logs to %s", kafka
+        )
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(relay.run())
     return 0

@@ -3,10 +3,18 @@ its provider registered for the node (`domain.providers.Node.public_key`, 64 hex
 
 What is signed is the report's canonical bytes (`canonical_bytes`): the JSON of its fields
 without the signature, keys sorted, no spaces, so any client in any language can produce it.
+A usage batch (`workers.messages`) is signed the same way, once: its `data` (node_id and
+every report) without the signature.
+
+Verifying: `public_key` loads a registered key once (cached: the loaded
+`Ed25519PublicKey`, keyed by its hex) and `verify_bytes` checks a signature of given bytes
+with it; cryptography releases the GIL while it verifies, so a verify thread runs beside
+the event loop's work.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -16,6 +24,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 SIGNATURE_HEX_LENGTH = 128
 """An Ed25519 signature is 64 bytes: 128 hex digits."""
+PUBLIC_KEYS_CACHED_MAX = 1 << 16
+"""Most loaded public keys kept (one per node)."""
 
 
 def canonical_bytes(fields: dict[str, Any]) -> bytes:
@@ -54,9 +64,29 @@ class NodeKey:
 
 def verify(public_key_hex: str, fields: dict[str, Any], signature_hex: str) -> bool:
     """Whether `signature_hex` is the node's signature of `fields` (never raises)."""
+    key = public_key(public_key_hex)
+    if key is None:
+        return False
     try:
-        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
-        key.verify(bytes.fromhex(signature_hex), canonical_bytes(fields))
+        signature = bytes.fromhex(signature_hex)
+    except ValueError:
+        return False
+    return verify_bytes(key, canonical_bytes(fields), signature)
+
+
+@lru_cache(maxsize=PUBLIC_KEYS_CACHED_MAX)
+def public_key(public_key_hex: str) -> Ed25519PublicKey | None:
+    """The loaded key of 64 hex digits (cached); None when it is not an Ed25519 key."""
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
+    except ValueError:
+        return None
+
+
+def verify_bytes(key: Ed25519PublicKey, message: bytes, signature: bytes) -> bool:
+    """Whether `signature` (64 bytes) is `key`'s signature of `message` (never raises)."""
+    try:
+        key.verify(signature, message)
     except (ValueError, InvalidSignature):
         return False
     return True

@@ -43,9 +43,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[int], list[Record], bool, list[int]
     """Each lease's escrow in GPU-seconds at the lease price (small ones run out)."""
     records = draw(
         st.lists(
-            st.tuples(
-                st.integers(0, len(escrows) - 1), st.integers(1, 400), st.integers(0, 1_500)
-            ),
+            st.tuples(st.integers(0, len(escrows) - 1), st.integers(1, 400), st.integers(0, 1_500)),
             max_size=14,
         )
     )
