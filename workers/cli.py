@@ -57,6 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_replay_parser(commands)
 
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="reconcile a settled epoch: ledger vs settlement log vs chain (ETH_RPC_URL)",
+    )
+    reconcile.add_argument("--epoch", type=int, required=True, metavar="N")
+    reconcile.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    reconcile.set_defaults(run=_run_reconcile)
+
     worker = commands.add_parser(
         "worker",
         help="run a service process: gpu (a lease's workload, metered), checker, ingest, relay, "
@@ -134,6 +142,37 @@ def _run_trial_balance(settings: Settings, args: argparse.Namespace) -> int:
             )
         balanced = print_accounts(state, names={})
     return 0 if balanced else 3
+
+
+def _run_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from ledger.queries import state_as_of
+    from ledger.settlement import SettlementApplication, SettlementLog
+    from workers.bootstrap import open_market
+    from workers.processes import SETTLED_MARKET_RULES
+    from workers.reconcile import reconcile
+
+    with open_market(settings, rules=SETTLED_MARKET_RULES) as market:
+        datastore = market.ledger.app.app_recorder.datastore
+        log = SettlementLog(SettlementApplication(datastore, env=market.ledger.app.env))
+        log.refresh()
+        record = log.epochs.get(args.epoch)
+        if record is None or record.settled is None:
+            known = ", ".join(str(n) for n in sorted(log.epochs)) or "none"
+            print(f"aether: epoch {args.epoch} is not settled (settled: {known})", file=sys.stderr)
+            return 2
+        reader = None
+        if settings.eth_rpc_url:
+            from workers.chain import ChainReader, open_chain
+
+            reader = ChainReader(open_chain(settings))
+        else:
+            print("(no ETH_RPC_URL: the chain column is left out)", file=sys.stderr)
+        at = state_as_of(
+            market.ledger.app, shard=settings.ledger_shard, at=record.settled.settled_at
+        )
+        report = reconcile(args.epoch, market.service, log, at, market.ledger.writer.state, reader)
+        print(report.csv() if args.csv else report.table(), end="" if args.csv else "\n")
+        return 1 if report.flagged else 0
 
 
 def _run_project(settings: Settings, args: argparse.Namespace) -> int:
