@@ -196,8 +196,9 @@ def check_report(
     rules: UsageRules = DEFAULT_USAGE_RULES,
 ) -> UsageRejected | None:
     """`check_usage` on a report's fields; `latest_end`: now + rules.future_tolerance_s
-    (the latest an interval may end), computed once by a caller deciding many."""
-    if lease is None or lease.id != lease_id:
+    (the latest an interval may end), computed once by a caller deciding many. (Ids are
+    compared by their integers: UUID equality is Python code, and this runs per report.)"""
+    if lease is None or lease.id.int != lease_id.int:
         return UsageRejected(RejectReason.unknown_lease, f"no lease {lease_id}")
     if (
         lease.status is LeaseStatus.closed
@@ -209,14 +210,14 @@ def check_report(
             f"lease {lease.id} closed at {lease.closed_at.isoformat()}, "
             f"the interval ends at {interval_end.isoformat()}",
         )
-    if node_id != lease.node_id:
+    if node_id.int != lease.node_id.int:
         return UsageRejected(
             RejectReason.node_mismatch,
             f"node {node_id} reports for lease {lease.id}, served by node {lease.node_id}",
         )
     last_sequence = 0 if last is None else last.sequence
     if last is not None and sequence <= last_sequence:
-        if sequence == last_sequence and envelope_id == last.envelope_id:
+        if sequence == last_sequence and envelope_id.int == last.envelope_id.int:
             return UsageRejected(
                 RejectReason.duplicate,
                 f"message {envelope_id} (lease {lease.id} sequence {sequence}) is already recorded",
