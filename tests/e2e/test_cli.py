@@ -33,7 +33,7 @@ def cli_env(database_url: str, schema: str) -> dict[str, str]:
 
 
 TRIAL_BALANCE = (
-    "trial balance AETH: debits 1,108.933333333333333322 = credits 1,108.933333333333333322"
+    "trial balance AETH: debits 1,109.812500000000000011 = credits 1,109.812500000000000011"
     "  (pending 0 = 0)  BALANCED"
 )
 
@@ -55,6 +55,49 @@ def test_the_demo_runs_a_market_from_stake_to_slash_and_prints_balanced_books(
     assert "alice refunded 1 AETH out of the slash" in out
     assert "marten, contradicted by the quorum, loses 1 AETH of its stake" in out
     assert TRIAL_BALANCE in out
+
+
+def test_the_demo_settles_two_epochs_posts_the_roots_and_a_provider_claims_on_chain(
+    cli_env, tmp_path
+) -> None:
+    run = aether("demo", env=cli_env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    # Bonds and deposits go through the chain; the watcher credits them in the ledger.
+    assert "atlas's bond credited: 400 AETH" in out
+    assert "alice deposits 100 AETH into the vault, credited by the watcher" in out
+    assert (
+        "the slash mirror sends the slash to Staking (1 transaction): borealis's stake on "
+        "chain is 133.333333333333333334 AETH, as in the ledger" in out
+    )
+    # Epoch 2993400 is 2026-11-30 12:00-12:10 (10-minute epochs since 1970).
+    assert (
+        "epoch 2993400 (12:00-12:10): 14 usage records of 2 leases, charged "
+        "0.708333333333333338 AETH (withheld 0.333333333333333335 AETH), fee 0.01875 AETH, "
+        "checker rewards 0 AETH, provider share 0.356250000000000003 AETH, drawn "
+        "0.708333333333333338 AETH" in out
+    )
+    assert (
+        "epoch 2993401 (12:10-12:20): 10 usage records of 1 lease, charged "
+        "0.41666666666666667 AETH (withheld 0 AETH), fee 0.020833333333333333 AETH, checker "
+        "rewards 0.002083333333333332 AETH" in out
+    )
+    assert len(re.findall(r"new\): posted \(tx 0x[0-9a-f]{10}\.\.\.\)", out)) == 2
+    assert "epoch 2993400 settled again (a re-run): 2 commands, 2 answered as retries" in out
+    assert "7.666666666666666665 AETH of escrow released to her" in out
+    assert "atlas claims epoch 2993401 on chain: cumulative 0.75208333333333334 AETH" in out
+    assert "the distributor pays it 0.75208333333333334 AETH" in out
+    assert "atlas's earnings in the ledger now 0 AETH" in out
+    assert (
+        "claim on chain: atlas, epoch 2993401, cumulative 0.75208333333333334 AETH, paid "
+        "0.75208333333333334 AETH" in out
+    )
+    report = out[out.index("reconciliation of epoch 2993401") :]
+    assert "MISMATCH" not in report
+    assert re.search(
+        r"claimed\s+atlas\s+0\.75208333333333334\s+-\s+0\.75208333333333334\s+ok", report
+    )
+    assert "epoch 2993401: 16 lines, all tie out" in report
 
 
 def test_the_demos_live_part_runs_a_gpu_worker_ingest_and_a_checker_through_the_broker(
@@ -86,20 +129,25 @@ def test_running_the_demo_twice_records_nothing_twice(cli_env, tmp_path) -> None
     second = aether("demo", env=cli_env, cwd=tmp_path)
     assert first.returncode == second.returncode == 0, second.stderr
     assert "this database has seen the demo before" in second.stdout
-    assert "486 of 486 commands were answered as retries; nothing was recorded twice" in (
-        second.stdout
+    assert (
+        "620 of 620 commands were answered as retries; 27 usage records were stored already; "
+        "nothing was recorded twice" in second.stdout
     )
     tables = first.stdout[first.stdout.index("order book H100") :]
-    assert tables in second.stdout  # the same book, leases, reputation and balances
+    # The same book, leases, reputation, balances, settlement log, claim and reconciliation:
+    # the rerun's chain is new, and its roots are posted again from the settlement log.
+    assert tables in second.stdout
+    assert "epoch 2993401: 16 lines, all tie out" in second.stdout
 
 
 def test_trial_balance_as_of_an_earlier_position_shows_the_ledger_as_it_stood(
     cli_env, tmp_path
 ) -> None:
     assert aether("demo", env=cli_env, cwd=tmp_path).returncode == 0
-    # Positions 1-4: the protocol's three accounts and their batch; 5-8: atlas's three
-    # accounts; 9-10: atlas bonds 400 AETH (the transfer and its batch).
-    run = aether("trial-balance", "--as-of-position", "10", env=cli_env, cwd=tmp_path)
+    # Positions 1-4: the protocol's three accounts and their batch; 5-8 and 9-12: atlas's
+    # and borealis's three accounts; 13-14: atlas's bond on chain, credited by the watcher,
+    # 400 AETH (the transfer and its batch).
+    run = aether("trial-balance", "--as-of-position", "14", env=cli_env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "debits 400 = credits 400" in run.stdout
     assert "BALANCED" in run.stdout
