@@ -63,6 +63,8 @@ HEARTBEAT_STEP_S = 5
 USAGE_STEP_S = 60
 ASSET = "AETH"
 EPOCH_S = 600
+AUDIT_CHECKPOINT_SIZE = 256
+"""Events per audit checkpoint in the demo (a few checkpoints over its log)."""
 """Settlement epochs of 10 minutes: the story spans two."""
 SETTLE_DELAY_S = 120
 RELEASE_DELAY_S = 60
@@ -268,13 +270,14 @@ def run_demo(settings: Settings) -> int:
         with open_views(market.ledger.app, market.app) as views:
             balanced = _print_views(views, demo.names, clock.now, rules)
         report = _print_settlement(demo, market)
+        audited = _audit(demo, market, settings)
         if demo.quiet:
             print(
                 f"\n{demo.retried} of {demo.sent} commands were answered as retries; "
                 f"{demo.usage_stored_before} usage records were stored already; "
                 "nothing was recorded twice"
             )
-        return 0 if balanced and not report.flagged else 3
+        return 0 if balanced and not report.flagged and audited else 3
 
 
 def _run(demo: _Demo) -> None:
@@ -757,3 +760,67 @@ def _print_settlement(demo: _Demo, market: Market) -> Report:
     print(f"\nreconciliation of epoch {epoch}: the ledger vs the settlement log vs the chain")
     print(named.table())
     return report
+
+
+def _audit(demo: _Demo, market: Market, settings: Settings) -> bool:
+    """Hash-chain every log into Merkle checkpoints, anchor their roots on chain, verify
+    the whole log against them and prove one event's inclusion against its anchored root."""
+    from contracts.chain import ROLE_ANCHOR
+    from ledger.audit import Chainer, Web3Anchor, prove, verify, verify_proof
+
+    url, schema = market.ledger.database_url, settings.postgres_schema
+    chain = demo.side.chain
+    d = chain.deployment
+    anchorer = str(chain.w3.eth.accounts[0])
+    d.grant(d.anchor, ROLE_ANCHOR, anchorer)
+    client = Web3Anchor.of(chain.w3, d.anchor, sender=anchorer)
+    chainer = Chainer(url, schema, checkpoint_size=AUDIT_CHECKPOINT_SIZE)
+    chained = chainer.run(final_checkpoint=True)
+    anchored = chainer.anchor(client)
+    _anchor_on_fresh_chain(url, schema, client)
+    print("\naudit: the logs hash-chained, cut into Merkle checkpoints, roots anchored on chain")
+    per_log = ", ".join(f"{n} {k}" for n, k in chained.chained_per_log.items() if k)
+    print(
+        f"  chained {chained.chained} events ({per_log or 'none new'}), "
+        f"{len(chained.checkpoints)} new checkpoints, {len(anchored)} anchored "
+        "in CheckpointAnchor"
+    )
+    report = verify(url, schema, anchor=client)
+    if report.finding is not None:
+        print(f"  verify: TAMPERED: {report.finding.describe()}")
+        return False
+    print(
+        f"  verify: clean: {report.events_checked} events against the chain, "
+        f"{report.checkpoints_checked} checkpoints, {report.anchors_checked} anchored roots "
+        f"({report.events_per_s:,.0f} events/s)"
+    )
+    proof = prove(url, schema, "ledger", 1)
+    root = client.root_at(proof.checkpoint.index)
+    check = verify_proof(proof, root)
+    print(
+        f"  prove ledger event 1: in checkpoint {proof.checkpoint.index}, "
+        f"{len(proof.checkpoint.merkle_path)} sibling hashes; checked against the anchored root "
+        f"0x{root.hex()[:16]}...: {'accepted' if check.ok else 'REJECTED'}"
+    )
+    return check.ok
+
+
+def _anchor_on_fresh_chain(url: str, schema: str, client: Any) -> None:
+    """A rerun's in-process chain is new: it holds none of the roots the log recorded as
+    anchored before. Anchor them again, in index order (the log keeps the first run's
+    transactions)."""
+    import psycopg
+    from psycopg import sql
+
+    from ledger.audit import AUDIT_CHECKPOINTS_TABLE_NAME
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT checkpoint_index, merkle_root FROM {}.{} ORDER BY 1").format(
+                sql.Identifier(schema), sql.Identifier(AUDIT_CHECKPOINTS_TABLE_NAME)
+            )
+        ).fetchall()
+    count = client.count()
+    for index, root in rows:
+        if int(index) >= count:
+            client.anchor(int(index), bytes(root))
