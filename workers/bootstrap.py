@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 
+from domain.lease import LeaseRules
 from ledger.config import Settings, eventsourcing_env
 from ledger.embedded import start_embedded_postgres
 from ledger.errors import StoreUnavailableError
@@ -67,15 +68,22 @@ class Market:
     service: Marketplace
 
 
+DEPLOYED_MARKET_RULES = MarketRules(lease=LeaseRules(release_escrow_at_close=False))
+"""The marketplace rules every process of a deployment runs (they must agree): the default
+rules, except that a close keeps the lease's escrow until settlement has charged its last
+usage (`aether worker settle` releases it)."""
+
+
 @contextmanager
 def open_market(
     settings: Settings, *, rules: MarketRules | None = None, clock: Clock = utc_now
 ) -> Iterator[Market]:
     """The ledger (see `open_ledger`) and the marketplace service of its shard, on the same
-    database and connection pool (one transaction writes both)."""
+    database and connection pool (one transaction writes both). `rules`: by default
+    `DEPLOYED_MARKET_RULES`."""
     with open_ledger(settings) as ledger:
         app = MarketplaceApplication(ledger.app.app_recorder.datastore, env=ledger.app.env)
-        service = Marketplace(app, ledger.writer, rules=rules, clock=clock)
+        service = Marketplace(app, ledger.writer, rules=rules or DEPLOYED_MARKET_RULES, clock=clock)
         yield Market(ledger, app, service)
 
 

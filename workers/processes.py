@@ -10,13 +10,11 @@ import logging
 from collections.abc import Sequence
 from uuid import UUID
 
-from domain.lease import LeaseRules
 from domain.settlement import SettlementRules
 from ledger.config import Settings
-from ledger.market.service import MarketRules
 from ledger.settlement import SettlementApplication, SettlementLog
 from ledger.usage import UsageApplication
-from workers.bootstrap import open_market
+from workers.bootstrap import DEPLOYED_MARKET_RULES, open_market
 from workers.broker import (
     LEDGER_EVENTS,
     MARKETPLACE_EVENTS,
@@ -84,9 +82,8 @@ def run_checker(settings: Settings, argv: Sequence[str]) -> int:
     return 0
 
 
-SETTLED_MARKET_RULES = MarketRules(lease=LeaseRules(release_escrow_at_close=False))
-"""The marketplace rules of a deployment that settles: closes keep the escrow until
-settlement has charged the lease's last usage."""
+SETTLED_MARKET_RULES = DEPLOYED_MARKET_RULES
+"""The marketplace rules of a deployment that settles (every process's default)."""
 
 
 def run_settle(settings: Settings, argv: Sequence[str]) -> int:
@@ -113,5 +110,11 @@ def run_settle(settings: Settings, argv: Sequence[str]) -> int:
             gateway=gateway,
         )
         with contextlib.suppress(KeyboardInterrupt):
-            return run(settler, follow=args.follow, poll_s=args.poll_s, epochs=args.epoch)
+            return run(
+                settler,
+                follow=args.follow,
+                poll_s=args.poll_s,
+                epochs=args.epoch,
+                tick=not args.no_tick,
+            )
     return 0

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
-from uuid import UUID, uuid5
+from uuid import UUID, uuid4, uuid5
 
 from eventsourcing.persistence import IntegrityError
 
@@ -386,9 +386,21 @@ class Settler:
             self.log.refresh()
 
 
-def run(settler: Settler, *, follow: bool, poll_s: float, epochs: Sequence[int] = ()) -> int:
-    """Settle `epochs` (or every due one); with `follow`, keep settling as epochs end."""
+def run(
+    settler: Settler,
+    *,
+    follow: bool,
+    poll_s: float,
+    epochs: Sequence[int] = (),
+    tick: bool = True,
+) -> int:
+    """Settle `epochs` (or every due one); with `follow`, keep settling as epochs end. With
+    `tick`, each round first runs the marketplace's time-driven rules (`Tick`: downtime,
+    quorum decisions and their slashes, expiries), so the failed windows an epoch withholds
+    are decided before it is planned."""
     while True:
+        if tick:
+            settler.service.handle(m.Tick(uuid4()))
         reports = [settler.settle(n) for n in epochs] if epochs else settler.settle_due()
         for report in reports:
             plan, settled = report.record.plan, report.record.settled
@@ -416,3 +428,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow", action="store_true", help="keep settling as epochs end")
     parser.add_argument("--poll-s", type=float, default=5.0)
     parser.add_argument("--epoch-s", type=int, default=rules_of.DEFAULT_EPOCH_S)
+    parser.add_argument(
+        "--no-tick",
+        action="store_true",
+        help="do not run the marketplace's time-driven rules before settling",
+    )

@@ -281,3 +281,27 @@ def test_due_lists_nothing_without_usage_and_waits_for_the_settle_delay(
     """The epoch ended 60 s ago, less than the settle delay."""
     market.clock.now = START + timedelta(seconds=EPOCH_S + 600)
     assert worker.due() == [epoch_of(START, worker.rules)]
+
+
+def test_the_worker_ticks_the_market_before_planning_so_failed_windows_are_decided(
+    market: Market, usage: UsageApplication, settlements: SettlementLog
+) -> None:
+    from workers.settle import run
+
+    lease_id = open_lease(market)
+    for name in ("k1", "k2", "k3"):
+        market.checker(name)
+    window_s = market.service.rules.verdicts.verdict_window_s
+    window = market.window()
+    Reports(usage, lease_id).add(0, window_s, window_s + 1)
+    market.clock.advance(window_s)
+    for name in ("k1", "k2", "k3"):
+        market.verdict(name, "n1", "p1", window, False, FailureKind.downtime)
+    market.clock.now = START + timedelta(seconds=EPOCH_S * 3)
+    """Nobody ticked: the window is not decided yet."""
+    assert market.service.state.undecided_windows()
+    worker = settler(market, usage, settlements)
+    assert run(worker, follow=False, poll_s=0, tick=True) == 0
+    assert not market.service.state.undecided_windows()
+    (record,) = list(settlements)
+    assert record.plan.withheld == record.plan.charged == cost(window_s)
