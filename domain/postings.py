@@ -567,6 +567,7 @@ def postings_for(
             ("fact", "checker_rewarded"),
             ("checker", str(fact.checker_id)),
             ("epoch", _at(fact.epoch_start)),
+            ("agreed_verdicts", str(fact.agreed_verdicts)),
         )
         legs = [
             _Leg(

@@ -57,6 +57,8 @@ class PlannedCharge:
     provider_share: int
     sequences: tuple[int, ...]
     billable_s: int
+    failed_windows: tuple[datetime, ...] = ()
+    """Starts of the failed verdict windows (of the lease's node) the withheld part lies in."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -249,6 +249,7 @@ class Settler:
                     c.provider_share,
                     c.sequences,
                     c.billable_s,
+                    tuple(sorted({x.window_start for x in c.exclusions})),
                 )
                 for c in result.charges
             ),
@@ -283,13 +284,15 @@ class Settler:
             if c.amount == 0:
                 continue
             first, last = c.sequences[0], c.sequences[-1]
+            ref = f"epoch {n}: usage {first}..{last} ({len(c.sequences)} reports)"
+            if c.failed_windows:
+                ref += (
+                    f"; withheld: {len(c.failed_windows)} failed window(s) from "
+                    f"{c.failed_windows[0]:%Y-%m-%dT%H:%M:%SZ}"
+                )
             commands.append(
                 m.ChargeUsage(
-                    command_id(n, f"charge:{c.lease_id}"),
-                    c.lease_id,
-                    c.amount,
-                    f"epoch {n}: usage {first}..{last} ({len(c.sequences)} reports)",
-                    c.withheld,
+                    command_id(n, f"charge:{c.lease_id}"), c.lease_id, c.amount, ref, c.withheld
                 )
             )
         return commands

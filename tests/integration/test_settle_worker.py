@@ -305,3 +305,34 @@ def test_the_worker_ticks_the_market_before_planning_so_failed_windows_are_decid
     assert not market.service.state.undecided_windows()
     (record,) = list(settlements)
     assert record.plan.withheld == record.plan.charged == cost(window_s)
+
+
+def test_every_settlement_transfer_names_the_usage_the_epoch_and_the_failed_window(
+    market: Market, usage: UsageApplication, settlements: SettlementLog
+) -> None:
+    from workers.settle import run
+
+    lease_id = open_lease(market)
+    for name in ("k1", "k2", "k3"):
+        market.checker(name)
+    window_s = market.service.rules.verdicts.verdict_window_s
+    window = market.window()
+    reports = Reports(usage, lease_id)
+    reports.add(0, window_s, window_s + 1)
+    market.clock.advance(window_s)
+    for name in ("k1", "k2", "k3"):
+        market.verdict(name, "n1", "p1", window, False, FailureKind.downtime)
+    market.clock.now = START + timedelta(seconds=EPOCH_S * 3)
+    run(settler(market, usage, settlements), follow=False, poll_s=0, tick=True)
+    (record,) = list(settlements)
+    n = record.plan.epoch
+    refs = [
+        dict(t.references)
+        for t in market.writer.state.transfers.values()
+        if dict(t.references).get("fact") == "usage_charged"
+    ]
+    assert refs and all(r["usage"].startswith(f"epoch {n}: usage 1..1 (1 reports)") for r in refs)
+    assert all(
+        f"withheld: 1 failed window(s) from {window:%Y-%m-%dT%H:%M:%SZ}" in r["usage"] for r in refs
+    )
+    assert {r["lease"] for r in refs} == {str(lease_id)}
