@@ -98,6 +98,17 @@ def test_the_demo_settles_two_epochs_posts_the_roots_and_a_provider_claims_on_ch
         r"claimed\s+atlas\s+0\.75208333333333334\s+-\s+0\.75208333333333334\s+ok", report
     )
     assert "epoch 2993401: 16 lines, all tie out" in report
+    audit = out[out.index("audit: the logs hash-chained") :]
+    assert re.search(
+        r"verify: clean: \d+ events recomputed against the hash chain, \d+ "
+        r"checkpoints, \d+ roots anchored in CheckpointAnchor",
+        audit,
+    )
+    assert re.search(
+        r"prove ledger event 1: in checkpoint 0, \d+ sibling hashes; checked "
+        r"against the anchored root 0x[0-9a-f]{16}\.\.\.: accepted",
+        audit,
+    )
 
 
 def test_the_demos_live_part_runs_a_gpu_worker_ingest_and_a_checker_through_the_broker(
