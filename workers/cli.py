@@ -41,11 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="TIME",
         help="ISO 8601 time with offset, e.g. 2026-11-23T18:00:00+00:00",
     )
+    balances.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="default: table"
+    )
     balances.set_defaults(run=_run_trial_balance)
 
     project = commands.add_parser(
         "project",
-        help="bring every read model (balances, order book, providers, leases, reputation) "
+        help="bring every read model (balances, order book, providers, leases, reputation, "
+        "earnings) "
         "up to date with the logs, exactly once",
     )
     project.add_argument(
@@ -80,6 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from workers.audit import add_parser as add_audit_parser
 
     add_audit_parser(commands)
+
+    from workers.queries_cli import add_parser as add_queries_parser
+
+    add_queries_parser(commands)
+
+    from workers.up import add_parser as add_up_parser
+
+    add_up_parser(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -140,6 +152,12 @@ def _run_trial_balance(settings: Settings, args: argparse.Namespace) -> int:
                 position=args.as_of_position,
                 at=args.as_of_time,
             )
+        if args.format != "table":
+            from workers.queries_cli import format_trial_balance, trial_balance_of_state
+
+            found = trial_balance_of_state(state)
+            sys.stdout.write(format_trial_balance(found, args.format))
+            return 0 if found.balanced else 3
         balanced = print_accounts(state, names={})
     return 0 if balanced else 3
 

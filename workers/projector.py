@@ -16,8 +16,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ledger.market.store import MarketplaceApplication
+from ledger.settlement import SettlementApplication
 from ledger.store import LedgerApplication
+from ledger.usage import UsageApplication
 from projections.balances import BalancesProjection
+from projections.earnings import (
+    EarningsProjection,
+    EarningsSettlementProjection,
+    EarningsUsageProjection,
+)
 from projections.leases import LeasesProjection
 from projections.orderbook import OrderBookProjection
 from projections.providers import ProvidersProjection
@@ -38,6 +45,9 @@ class Views:
     providers: ProvidersProjection
     leases: LeasesProjection
     reputation: ReputationProjection
+    earnings: EarningsProjection
+    earnings_settlement: EarningsSettlementProjection
+    earnings_usage: EarningsUsageProjection
 
     def all(
         self,
@@ -47,7 +57,10 @@ class Views:
         | OrderBookProjection
         | ProvidersProjection
         | LeasesProjection
-        | ReputationProjection,
+        | ReputationProjection
+        | EarningsProjection
+        | EarningsSettlementProjection
+        | EarningsUsageProjection,
     ]:
         return {
             "balances": self.balances,
@@ -55,6 +68,9 @@ class Views:
             "providers": self.providers,
             "leases": self.leases,
             "reputation": self.reputation,
+            "earnings": self.earnings,
+            "earnings_settlement": self.earnings_settlement,
+            "earnings_usage": self.earnings_usage,
         }
 
     def catch_up(self) -> dict[str, int]:
@@ -87,6 +103,13 @@ def open_views(ledger: LedgerApplication, market: MarketplaceApplication) -> Ite
         providers=ProvidersProjection(market),
         leases=LeasesProjection(market),
         reputation=ReputationProjection(market),
+        earnings=EarningsProjection(market),
+        earnings_settlement=EarningsSettlementProjection(
+            SettlementApplication(market.app_recorder.datastore, env=market.env)
+        ),
+        earnings_usage=EarningsUsageProjection(
+            UsageApplication(market.app_recorder.datastore, env=market.env)
+        ),
     )
     try:
         yield views

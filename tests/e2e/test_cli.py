@@ -220,7 +220,16 @@ def test_project_brings_every_view_up_to_date_once(cli_env, tmp_path) -> None:
     run = aether("project", env=cli_env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     lines = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines()[1:]}
-    assert set(lines) == {"balances", "orderbook", "providers", "leases", "reputation"}
+    assert set(lines) == {
+        "balances",
+        "orderbook",
+        "providers",
+        "leases",
+        "reputation",
+        "earnings",
+        "earnings_settlement",
+        "earnings_usage",
+    }
     # The demo caught the views up itself: nothing is applied twice.
     assert all(values[0] == "0" for values in lines.values())
     assert lines["orderbook"][1] == lines["leases"][1] == lines["reputation"][1] != "0"
