@@ -270,6 +270,7 @@ def run_demo(settings: Settings) -> int:
         with open_views(market.ledger.app, market.app) as views:
             balanced = _print_views(views, demo.names, clock.now, rules)
         report = _print_settlement(demo, market)
+        _print_earnings(demo, market, settings)
         audited = _audit(demo, market, settings)
         if demo.quiet:
             print(
@@ -818,3 +819,48 @@ def _anchor_on_fresh_chain(url: str, schema: str, client: Any) -> None:
     for index, root in rows:
         if int(index) >= count:
             client.anchor(int(index), bytes(root))
+
+
+def _print_earnings(demo: _Demo, market: Market, settings: Settings) -> None:
+    """What each provider would see (`aether earnings`, GET /v1/providers/{id}/earnings):
+    from the earnings read models, caught up with the logs above."""
+    from projections import queries as q
+
+    async def read() -> list[q.ProviderEarnings]:
+        conn = await q.connect(market.ledger.database_url, settings.postgres_schema)
+        try:
+            found = []
+            for provider_id in sorted(
+                demo.service.state.providers, key=lambda p: demo.names.get(p, str(p))
+            ):
+                found.append(await q.provider_earnings(conn, provider_id))
+            return found
+        finally:
+            await conn.close()
+
+    rows = [("provider", "earned", "withheld", "settled", "in root", "claimed", "pending")]
+    for e in asyncio.run(read()):
+        pending = (
+            f"{e.pending.reports} reports ~{format_amount(e.pending.amount_estimate)}"
+            if e.pending.reports
+            else "-"
+        )
+        rows.append(
+            (
+                demo.names.get(e.provider_id, str(e.provider_id)[:8]),
+                format_amount(e.earned),
+                format_amount(e.withheld),
+                format_amount(e.settled),
+                format_amount(e.payout_cumulative),
+                format_amount(e.claimed),
+                pending,
+            )
+        )
+    print("\nprovider earnings (AETH), from the earnings read model (aether earnings, the API)")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            c.ljust(w) if i in (0, 6) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  " + "  ".join(cells).rstrip())

@@ -98,6 +98,13 @@ def test_the_demo_settles_two_epochs_posts_the_roots_and_a_provider_claims_on_ch
         r"claimed\s+atlas\s+0\.75208333333333334\s+-\s+0\.75208333333333334\s+ok", report
     )
     assert "epoch 2993401: 16 lines, all tie out" in report
+    earnings = out[out.index("provider earnings (AETH)") : out.index("audit: the logs")]
+    assert re.search(
+        r"atlas\s+0\.75208333333333334\s+0\s+0\.75208333333333334\s+0\.75208333333333334\s+"
+        r"0\.75208333333333334",
+        earnings,
+    )
+    assert re.search(r"borealis\s+0\s+0\.333333333333333335\s", earnings)
     audit = out[out.index("audit: the logs hash-chained") :]
     assert re.search(
         r"verify: clean: \d+ events recomputed against the hash chain, \d+ "
