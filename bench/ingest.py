@@ -56,7 +56,13 @@ from ledger.store import LedgerApplication
 from ledger.usage import UsageApplication, UsageRecorder
 from ledger.writer import LedgerWriter
 from workers.broker import create_topics, embedded_broker
-from workers.ingest import BATCH_EVENTS_MAX, BATCH_RECORDS_MAX, Ingest, IngestTopics
+from workers.ingest import (
+    BATCH_EVENTS_MAX,
+    BATCH_RECORDS_MAX,
+    DECODE_PROCESSES,
+    Ingest,
+    IngestTopics,
+)
 from workers.messages import USAGE_BATCH_TYPE, USAGE_TYPE
 from workers.signing import NodeKey, canonical_bytes, public_key, verify_bytes
 
@@ -275,6 +281,10 @@ def main() -> None:
     parser.add_argument("--batch-records-max", type=int, default=BATCH_RECORDS_MAX)
     parser.add_argument("--batch-events-max", type=int, default=BATCH_EVENTS_MAX)
     parser.add_argument("--verify-threads", type=int, default=1)
+    parser.add_argument(
+        "--decode-processes", type=int, default=DECODE_PROCESSES,
+        help="processes decoding usage messages beside the event loop (0: in its thread)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.leases_per_node * args.intervals > 128:
         parser.error("a batch carries at most 128 reports: leases-per-node x intervals")
@@ -342,6 +352,7 @@ def main() -> None:
                 batch_records_max=args.batch_records_max,
                 batch_events_max=args.batch_events_max,
                 verify_threads=args.verify_threads,
+                decode_processes=args.decode_processes,
             )
             async with ingest:
                 return await ingest.run_until_caught_up(timeout_s=600)
@@ -366,20 +377,26 @@ def main() -> None:
             f"         wall time (s; us per event): fetch {stats.fetch_s:.2f} "
             f"({us * stats.fetch_s:.1f}), decide {stats.decide_s:.2f} ({us * stats.decide_s:.1f})"
             f" of it waiting for signatures {stats.verify_wait_s:.2f} "
-            f"({us * stats.verify_wait_s:.1f}), dead letters {stats.dead_letter_s:.2f}, "
+            f"({us * stats.verify_wait_s:.1f}) and for the decode processes "
+            f"{stats.decode_wait_s:.2f} ({us * stats.decode_wait_s:.1f}), dead letters "
+            f"{stats.dead_letter_s:.2f}, "
             f"commit {stats.commit_s:.2f} ({us * stats.commit_s:.1f}; in a thread, beside the "
             "next decide)"
         )
         print(
-            f"         CPU (s; us per event): parse+validate {stats.parse_s:.2f} "
-            f"({us * stats.parse_s:.1f}), rules+facts {stats.rules_s:.2f} "
-            f"({us * stats.rules_s:.1f}; with the events' JSON states), COPY+commit client side {stats.record_cpu_s:.2f} "
+            f"         CPU (s; us per event): decode processes (parse, validate, canonical "
+            f"bytes, JSON states, COPY rows) {stats.decode_cpu_s:.2f} "
+            f"({us * stats.decode_cpu_s:.1f}); event loop: parse+take over "
+            f"{stats.parse_s:.2f} ({us * stats.parse_s:.1f}), rules {stats.rules_s:.2f} "
+            f"({us * stats.rules_s:.1f}); COPY+commit client side {stats.record_cpu_s:.2f} "
             f"({us * stats.record_cpu_s:.1f})"
         )
         print(
             f"         ingest process CPU {cpu_s:.1f}s ({us * cpu_s:.1f} us per event, group "
             f"join included), of it the event loop's thread {main_cpu_s:.1f}s "
-            f"({us * main_cpu_s:.1f}); the rest: verify and commit threads"
+            f"({us * main_cpu_s:.1f}); the rest: verify, commit and decode-result threads; "
+            f"plus the decode processes' {stats.decode_cpu_s:.1f}s; load average "
+            f"{os.getloadavg()[0]:.2f}"
         )
         with psycopg.connect(url, autocommit=True) as conn:
             rows = conn.execute(

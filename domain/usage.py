@@ -34,14 +34,15 @@ Everything else is recorded. All times are microseconds or timezone-aware dateti
 counters are non-negative integers (the message schema bounds them).
 
 `check_usage` takes a `UsageRecorded`; `check_report` is the same rules (the one
-implementation) on the report's fields one by one, for ingest's hot loop, which decides
-reports before it makes anything of them.
+implementation) on the report's fields one by one as integers (ids as `UUID.int`, times as
+microseconds since the Unix epoch, the lease as its `LeaseTerms`), for ingest's hot loop,
+which decides reports before it makes anything of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import NamedTuple
 from uuid import UUID
@@ -134,16 +135,54 @@ class UsageRecorded:
 
 
 class LastUsage(NamedTuple):
-    """What the rules remember of a lease's last recorded report (a tuple: ingest makes
-    one per recorded report)."""
+    """What the rules remember of a lease's last recorded report (a tuple of integers:
+    ingest makes one per recorded report)."""
 
     sequence: int
-    envelope_id: UUID
-    interval_end: datetime
+    envelope: int
+    """The id of the message that carried it, as its integer (`UUID.int`)."""
+    interval_end_us: int
+    """When its interval ended, in microseconds since the Unix epoch (`epoch_us`)."""
 
     @classmethod
     def of(cls, fact: UsageRecorded) -> LastUsage:
-        return cls(fact.sequence, fact.envelope_id, fact.interval_end)
+        return cls(fact.sequence, fact.envelope_id.int, epoch_us(fact.interval_end))
+
+
+class LeaseTerms(NamedTuple):
+    """What the rules read of a lease, as integers (times in microseconds since the Unix
+    epoch): made once per lease by a caller deciding many reports."""
+
+    id: UUID
+    node_id: UUID
+    gpu_count: int
+    opened_us: int
+    closed_us: int | None
+    """When it closed; None while it is open (or closed without a time)."""
+
+    @classmethod
+    def of(cls, lease: Lease) -> LeaseTerms:
+        closed = lease.closed_at if lease.status is LeaseStatus.closed else None
+        return cls(
+            lease.id,
+            lease.node_id,
+            lease.gpu_count,
+            epoch_us(lease.opened_at),
+            None if closed is None else epoch_us(closed),
+        )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_us(value: datetime) -> int:
+    """A timezone-aware time as microseconds since the Unix epoch (exact)."""
+    since = value - _EPOCH
+    return (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
+
+
+def _iso(us: int) -> str:
+    return (_EPOCH + timedelta(microseconds=us)).isoformat()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,106 +203,107 @@ def check_usage(
     """None when `usage` may be recorded; else the first rule it breaks (see the module
     docstring for the rules, in this order)."""
     return check_report(
-        lease,
+        None if lease is None else LeaseTerms.of(lease),
         last,
-        usage.envelope_id,
-        usage.lease_id,
-        usage.node_id,
+        usage.envelope_id.int,
+        usage.lease_id.int,
+        usage.node_id.int,
         usage.sequence,
-        usage.interval_start,
-        usage.interval_end,
+        epoch_us(usage.interval_start),
+        epoch_us(usage.interval_end),
         usage.gpu_count,
         usage.wall_time_us,
         usage.device_time_us,
-        now + timedelta(seconds=rules.future_tolerance_s),
+        epoch_us(now) + rules.future_tolerance_s * 1_000_000,
         rules,
     )
 
 
 def check_report(
-    lease: Lease | None,
+    lease: LeaseTerms | None,
     last: LastUsage | None,
-    envelope_id: UUID,
-    lease_id: UUID,
-    node_id: UUID,
+    envelope: int,
+    lease_id: int,
+    node_id: int,
     sequence: int,
-    interval_start: datetime,
-    interval_end: datetime,
+    start_us: int,
+    end_us: int,
     gpu_count: int,
     wall_time_us: int,
     device_time_us: int,
-    latest_end: datetime,
+    latest_end_us: int,
     rules: UsageRules = DEFAULT_USAGE_RULES,
 ) -> UsageRejected | None:
-    """`check_usage` on a report's fields; `latest_end`: now + rules.future_tolerance_s
-    (the latest an interval may end), computed once by a caller deciding many. (Ids are
-    compared by their integers: UUID equality is Python code, and this runs per report.)"""
-    if lease is None or lease.id.int != lease_id.int:
-        return UsageRejected(RejectReason.unknown_lease, f"no lease {lease_id}")
-    if (
-        lease.status is LeaseStatus.closed
-        and lease.closed_at is not None
-        and interval_end > lease.closed_at
-    ):
+    """`check_usage` on a report's fields as integers, for ingest's hot loop: ids as their
+    `UUID.int`, the interval as microseconds since the Unix epoch (`epoch_us`) and
+    `latest_end_us` = now + rules.future_tolerance_s (the latest an interval may end),
+    computed once by a caller deciding many."""
+    if lease is None or lease.id.int != lease_id:
+        return UsageRejected(RejectReason.unknown_lease, f"no lease {UUID(int=lease_id)}")
+    closed_us = lease.closed_us
+    if closed_us is not None and end_us > closed_us:
         return UsageRejected(
             RejectReason.lease_closed,
-            f"lease {lease.id} closed at {lease.closed_at.isoformat()}, "
-            f"the interval ends at {interval_end.isoformat()}",
+            f"lease {lease.id} closed at {_iso(closed_us)}, the interval ends at {_iso(end_us)}",
         )
-    if node_id.int != lease.node_id.int:
+    if node_id != lease.node_id.int:
         return UsageRejected(
             RejectReason.node_mismatch,
-            f"node {node_id} reports for lease {lease.id}, served by node {lease.node_id}",
+            f"node {UUID(int=node_id)} reports for lease {lease.id}, served by node "
+            f"{lease.node_id}",
         )
-    last_sequence = 0 if last is None else last.sequence
-    if last is not None and sequence <= last_sequence:
-        if sequence == last_sequence and envelope_id.int == last.envelope_id.int:
+    if last is not None:
+        last_sequence = last.sequence
+        if sequence <= last_sequence:
+            if sequence == last_sequence and envelope == last.envelope:
+                return UsageRejected(
+                    RejectReason.duplicate,
+                    f"message {UUID(int=envelope)} (lease {lease.id} sequence {sequence}) is "
+                    "already recorded",
+                )
             return UsageRejected(
-                RejectReason.duplicate,
-                f"message {envelope_id} (lease {lease.id} sequence {sequence}) is already recorded",
+                RejectReason.replayed,
+                f"lease {lease.id} sequence {sequence} is at or below the last recorded "
+                f"{last_sequence}",
             )
-        return UsageRejected(
-            RejectReason.replayed,
-            f"lease {lease.id} sequence {sequence} is at or below the last recorded "
-            f"{last_sequence}",
-        )
+    else:
+        last_sequence = 0
     if sequence > last_sequence + 1 + rules.sequence_gap_max:
         return UsageRejected(
             RejectReason.out_of_order,
             f"lease {lease.id} sequence {sequence} runs ahead of the last recorded "
             f"{last_sequence} by more than {1 + rules.sequence_gap_max}",
         )
-    if interval_end <= interval_start:
+    if end_us <= start_us:
         return UsageRejected(
             RejectReason.impossible_interval,
-            f"interval ends at {interval_end.isoformat()}, not after its start "
-            f"{interval_start.isoformat()}",
+            f"interval ends at {_iso(end_us)}, not after its start {_iso(start_us)}",
         )
-    if interval_start < lease.opened_at:
+    if start_us < lease.opened_us:
         return UsageRejected(
             RejectReason.impossible_interval,
-            f"interval starts at {interval_start.isoformat()}, before lease {lease.id} "
-            f"opened at {lease.opened_at.isoformat()}",
+            f"interval starts at {_iso(start_us)}, before lease {lease.id} "
+            f"opened at {_iso(lease.opened_us)}",
         )
-    if interval_end > latest_end:
-        now = latest_end - timedelta(seconds=rules.future_tolerance_s)
+    if end_us > latest_end_us:
+        now_us = latest_end_us - rules.future_tolerance_s * 1_000_000
         return UsageRejected(
             RejectReason.impossible_interval,
-            f"interval ends at {interval_end.isoformat()}, more than "
-            f"{rules.future_tolerance_s} s after now ({now.isoformat()})",
+            f"interval ends at {_iso(end_us)}, more than "
+            f"{rules.future_tolerance_s} s after now ({_iso(now_us)})",
         )
-    if last is not None and interval_start < last.interval_end:
+    if last is not None and start_us < last.interval_end_us:
         return UsageRejected(
             RejectReason.overlapping_interval,
-            f"interval starts at {interval_start.isoformat()}, before the last "
-            f"recorded one ended ({last.interval_end.isoformat()})",
+            f"interval starts at {_iso(start_us)}, before the last "
+            f"recorded one ended ({_iso(last.interval_end_us)})",
         )
     if gpu_count > lease.gpu_count:
         return UsageRejected(
             RejectReason.impossible_device_time,
             f"{gpu_count} GPUs reported, lease {lease.id} has {lease.gpu_count}",
         )
-    interval_us = (interval_end - interval_start) // _MICROSECOND
+    interval_us = end_us - start_us
     if wall_time_us > interval_us + rules.wall_time_tolerance_us:
         return UsageRejected(
             RejectReason.impossible_device_time,

@@ -14,8 +14,9 @@ codec's per-field dispatch (the hot loop); its topic is ``domain.usage:UsageReco
 fact is at version 1; a later version would carry ``"class_version"`` and be upcast on read,
 as the marketplace's events are.
 
-Ingest's hot path writes rows, not facts (`UsageRecorder.record_rows`: (lease id,
-sequence, state)), and makes each state with `ReportStates` from the report as validated
+Ingest's hot path writes rows, not facts (`UsageRecorder.record_copy`: each event as a
+binary COPY row, `copy_row` of (lease id, sequence, state), made where the report is
+decoded), and makes each state with `ReportStates` from the report as validated
 (a dict in the message schema's field order): orjson writes the report, and the
 message's envelope id, node id and receive time are spliced in, byte for byte the state
 `state_of` writes (tested); a report with a counter past 2**53 takes `state_of`.
@@ -33,6 +34,7 @@ Offsets are a tracking table, not events: their rows are updated in place.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -193,6 +195,38 @@ class ReportStates:
             return state_of(self.fact(report))
         return self._head + written[1:_LEASE_END] + self._node + written[_LEASE_END:-1] + self._tail
 
+    def copy_rows(self, reports: Iterable[Mapping[str, Any]]) -> tuple[bytes, list[int]]:
+        """The reports' usage events as binary COPY rows (`copy_row` of each one's lease,
+        sequence and `state`), concatenated, and where each row ends in them."""
+        parts: list[bytes] = []
+        ends: list[int] = []
+        end = 0
+        head, node, tail = self._head, self._node, self._tail
+        fixed = len(head) + len(node) + len(tail) - 2
+        prefix = _ROW_PREFIX.pack
+        for report in reports:
+            lease_id: UUID = report["lease_id"]
+            try:
+                written = orjson.dumps(report, option=orjson.OPT_STRICT_INTEGER)
+            except orjson.JSONEncodeError:  # an integer past 2**53: the codec writes a string
+                row = copy_row(lease_id.bytes, report["sequence"], state_of(self.fact(report)))
+                parts.append(row)
+                end += len(row)
+                ends.append(end)
+                continue
+            size = fixed + len(written)
+            parts += (
+                prefix(4, 16, lease_id.bytes, 8, report["sequence"], *_TOPIC_FIELDS, size),
+                head,
+                written[1:_LEASE_END],
+                node,
+                written[_LEASE_END:-1],
+                tail,
+            )
+            end += _ROW_PREFIX.size + size
+            ends.append(end)
+        return b"".join(parts), ends
+
     def fact(self, report: Mapping[str, Any]) -> UsageRecorded:
         """The fact `report` records (what `state` writes)."""
         return UsageRecorded(
@@ -201,6 +235,30 @@ class ReportStates:
             received_at=self._received_at,
             **report,
         )
+
+
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+"""The binary COPY header: signature, flags, header extension length."""
+_COPY_TRAILER = b"\xff\xff"
+_ROW_HEAD = struct.Struct("!hi16siq")
+_TOPIC_FIELD = struct.pack("!i", len(USAGE_TOPIC.encode())) + USAGE_TOPIC.encode()
+_TOPIC_FIELDS = (len(USAGE_TOPIC.encode()), USAGE_TOPIC.encode())
+_ROW_PREFIX = struct.Struct(f"!hi16siqi{len(USAGE_TOPIC.encode())}si")
+"""A row up to its state's bytes: the fields' count, the lease id, the sequence, the topic
+and the state's length."""
+_STATE_LENGTH = struct.Struct("!i").pack
+
+
+def copy_row(lease_id: bytes, sequence: int, state: bytes) -> bytes:
+    """One usage event as a row of PostgreSQL's binary COPY format, in the columns
+    (originator_id uuid, originator_version int8, topic text, state bytea): `lease_id` is
+    the lease's 16 bytes (`UUID.bytes`), the topic USAGE_TOPIC."""
+    return (
+        _ROW_HEAD.pack(4, 16, lease_id, 8, sequence)
+        + _TOPIC_FIELD
+        + _STATE_LENGTH(len(state))
+        + state
+    )
 
 
 def usage_of_state(state: bytes) -> UsageRecorded:
@@ -281,14 +339,30 @@ class UsageRecorder(AppendOnlyRecorder):
                 f"group {group_id}: a usage report of this batch is already stored ({e})"
             ) from e
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def record_rows(
         self, rows: Sequence[UsageRow], group_id: str, offsets: Sequence[OffsetAdvance]
     ) -> Sequence[int]:
-        """`record` of rows (lease id, sequence, state) of topic USAGE_TOPIC: the same
-        transaction (offsets first, then the table lock, the notification, the binary COPY
-        and the notification ids read back), without a StoredEvent per row."""
-        if not rows and not offsets:
+        """`record` of rows (lease id, sequence, state) of topic USAGE_TOPIC (see
+        `record_copy`)."""
+        copy_rows = [
+            copy_row(lease_id.bytes, sequence, state) for lease_id, sequence, state in rows
+        ]
+        ids: Sequence[int] = self.record_copy(copy_rows, len(copy_rows), group_id, offsets)
+        return ids
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def record_copy(
+        self,
+        rows: Sequence[bytes | memoryview],
+        count: int,
+        group_id: str,
+        offsets: Sequence[OffsetAdvance],
+    ) -> Sequence[int]:
+        """`record` of `count` usage events given as binary COPY rows (`copy_row`; each
+        item of `rows` holds one or more whole rows): the same transaction (offsets first,
+        then the table lock, the notification, ONE binary COPY of all the rows and the
+        notification ids read back), with nothing made per row."""
+        if not count and not offsets:
             return []
         try:
             with (
@@ -297,21 +371,17 @@ class UsageRecorder(AppendOnlyRecorder):
                 conn.cursor() as curs,
             ):
                 self._advance_offsets(curs, group_id, offsets)
-                if not rows:
+                if not count:
                     return []
                 self._lock_table(curs)
                 self._notify_channel(curs)
                 with curs.copy(self._copy_statement) as copy:
-                    copy.set_types(["uuid", "int8", "text", "bytea"])
-                    write_row = copy.write_row
-                    topic = USAGE_TOPIC
-                    for lease_id, sequence, state in rows:
-                        write_row((lease_id, sequence, topic, state))
+                    copy.write(b"".join((_COPY_SIGNATURE, *rows, _COPY_TRAILER)))
                 curs.execute(self._last_id_statement, prepare=True)
                 row = curs.fetchone()
                 assert row is not None
                 last_id = int(row["last_id"])
-                return range(last_id - len(rows) + 1, last_id + 1)
+                return range(last_id - count + 1, last_id + 1)
         except IntegrityError as e:
             raise UsageConflictError(
                 f"group {group_id}: a usage report of this batch is already stored ({e})"
@@ -432,6 +502,18 @@ class UsageApplication(Application[UUID]):
         """Store the rows (lease id, sequence, state; see `ReportStates`) and advance the
         offsets in one transaction (see `UsageRecorder.record_rows`)."""
         ids: Sequence[int] = self.usage_recorder.record_rows(rows, group_id, offsets)
+        return ids
+
+    def record_copy(
+        self,
+        rows: Sequence[bytes | memoryview],
+        count: int,
+        group_id: str,
+        offsets: Sequence[OffsetAdvance],
+    ) -> Sequence[int]:
+        """Store `count` events given as binary COPY rows (`copy_row`) and advance the
+        offsets in one transaction (see `UsageRecorder.record_copy`)."""
+        ids: Sequence[int] = self.usage_recorder.record_copy(rows, count, group_id, offsets)
         return ids
 
     def stored_offsets(

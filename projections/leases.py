@@ -122,42 +122,50 @@ class LeasesRecorder(MarketViewRecorder):
     # -- writing ----------------------------------------------------------------------------
 
     def _apply_page(self, curs: Cursor[DictRow], events: Page) -> None:
-        ids = sorted({e.fact.lease_id for _, e in events})
-        rows = {r.lease.id: r for r in self._rows(curs, SQL("lease_id = ANY(%s)"), (ids,))}
-        states: dict[UUID, Lease | None] = dict.fromkeys(ids)
-        closed_by: dict[UUID, UUID | None] = dict.fromkeys(ids)
-        for lease_id, row in rows.items():
-            states[lease_id] = row.lease
-            closed_by[lease_id] = row.closed_by
-        changed: dict[UUID, int] = {}
-        runs: dict[UUID, list[tuple[int, HeartbeatRecorded | UsageCharged]]] = {}
-        """Heartbeats and charges of a lease not folded in yet: a run is folded in one step."""
+        """Group the page's facts by lease (in log order within each: a lease's row depends
+        on its own facts only), load the leases once, fold each lease's facts into it and
+        write back each lease that changed once. Leases are grouped by the integer of their
+        id (hashed in C, not by `UUID.__hash__`)."""
+        by_lease: dict[int, list[tuple[int, Any]]] = {}
+        ids: dict[int, UUID] = {}
         for position, event in events:
             fact = event.fact
-            lease_id = fact.lease_id
-            changed[lease_id] = position
-            if isinstance(fact, FOLDED_FACTS) and states[lease_id] is not None:
-                runs.setdefault(lease_id, []).append((position, fact))
-                continue
-            run = runs.pop(lease_id, None)
-            if run:
-                states[lease_id] = fold(states[lease_id], run)
-            try:
-                states[lease_id] = lease_rules.apply(states[lease_id], fact)
-            except AssertionError as e:
-                raise MarketProjectionError(
-                    f"notification {position}: {type(fact).__name__} does not apply to lease "
-                    f"{lease_id}: {e}"
-                ) from e
-            if isinstance(fact, LeaseClosed):
-                closed_by[lease_id] = fact.closed_by
-        for lease_id, run in runs.items():
-            states[lease_id] = fold(states[lease_id], run)
+            key = fact.lease_id.int
+            facts = by_lease.get(key)
+            if facts is None:
+                facts = by_lease[key] = []
+                ids[key] = fact.lease_id
+            facts.append((position, fact))
+        found = self.select(
+            curs, LEASES_TABLE_NAME, SQL("lease_id = ANY(%s)"), (list(ids.values()),)
+        )
+        rows = {r.lease.id.int: r for r in map(_row_lease, found)}
         updates: list[dict[str, Any]] = []
-        for lease_id, position in changed.items():
-            state = states[lease_id]
+        for key, facts in by_lease.items():
+            row = rows.get(key)
+            state = None if row is None else row.lease
+            closed_by = None if row is None else row.closed_by
+            run: list[tuple[int, HeartbeatRecorded | UsageCharged]] = []
+            """Heartbeats and charges not folded in yet: a run is folded in one step."""
+            for position, fact in facts:
+                if state is not None and isinstance(fact, FOLDED_FACTS):
+                    run.append((position, fact))
+                    continue
+                if run:
+                    state, run = fold(state, run), []
+                try:
+                    state = lease_rules.apply(state, fact)
+                except AssertionError as e:
+                    raise MarketProjectionError(
+                        f"notification {position}: {type(fact).__name__} does not apply to "
+                        f"lease {fact.lease_id}: {e}"
+                    ) from e
+                if isinstance(fact, LeaseClosed):
+                    closed_by = fact.closed_by
+            if run:
+                state = fold(state, run)
             assert state is not None
-            updates.append(_lease_row(state, closed_by[lease_id], position))
+            updates.append(_lease_row(state, closed_by, facts[-1][0]))
         self.upsert(curs, LEASES_TABLE_NAME, updates)
 
     # -- queries ----------------------------------------------------------------------------
@@ -234,14 +242,17 @@ def fold(lease: Lease | None, run: Sequence[tuple[int, HeartbeatRecorded | Usage
         charged = lease.escrow_charged
         uncovered = lease.usage_uncovered
         closed = lease.status is LeaseStatus.closed
+        lease_id = lease.id.int
+        node_id = lease.node_id.int
         for position, f in folded:
             if isinstance(f, HeartbeatRecorded):
-                seen_at = f.at if f.at < f.recorded_at else f.recorded_at
+                at = f.at
+                seen_at = at if at < f.recorded_at else f.recorded_at
                 ended = max(seen_at - alive_at, _NO_TIME) // _SECOND if downtime_open else 0
                 if not (
                     not closed
-                    and f.lease_id == lease.id
-                    and f.node_id == lease.node_id
+                    and f.lease_id.int == lease_id
+                    and f.node_id.int == node_id
                     and f.sequence > sequence
                     and f.downtime_s == ended
                 ):
@@ -251,16 +262,18 @@ def fold(lease: Lease | None, run: Sequence[tuple[int, HeartbeatRecorded | Usage
                         "downtime)"
                     )
                 sequence = f.sequence
-                last_at = f.at
-                alive_at = max(alive_at, f.at)
+                last_at = at
+                if at > alive_at:
+                    alive_at = at
                 downtime_open = False
                 downtime_s += f.downtime_s
-                updated_at = max(updated_at, f.recorded_at)
+                if f.recorded_at > updated_at:
+                    updated_at = f.recorded_at
             else:
                 available = lease.escrow_held - charged - lease.escrow_released
                 if not (
                     not (closed and lease.escrow_final)
-                    and f.lease_id == lease.id
+                    and f.lease_id.int == lease_id
                     and 0 <= f.amount <= f.amount_requested
                     and 0 <= f.withheld <= f.amount
                     and f.amount == min(f.amount_requested, available)

@@ -178,63 +178,7 @@ class OrderBookRecorder(MarketViewRecorder):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        books = self.table_sql(BOOKS_TABLE_NAME)
-        orders = self.table_sql(ORDERS_TABLE_NAME)
         depth = self.table_sql(DEPTH_TABLE_NAME)
-        self._next_sequence = SQL(
-            "UPDATE {books} SET sequence = %(sequence)s, "
-            "latest_at = GREATEST(latest_at, %(at)s), updated_position = %(position)s "
-            "WHERE gpu_model = %(gpu_model)s AND sequence = %(sequence)s - 1"
-        ).format(books=books)
-        self._first_sequence = SQL(
-            "INSERT INTO {books} VALUES (%(gpu_model)s, %(sequence)s, %(at)s, %(position)s) "
-            "ON CONFLICT (gpu_model) DO NOTHING"
-        ).format(books=books)
-        self._see = SQL(
-            "UPDATE {books} SET latest_at = GREATEST(latest_at, %(at)s), "
-            "updated_position = %(position)s WHERE gpu_model = %(gpu_model)s"
-        ).format(books=books)
-        self._insert_order = SQL(
-            "INSERT INTO {orders} VALUES (%(order_id)s, %(side)s, %(gpu_model)s, %(owner_id)s, "
-            "%(node_id)s, %(sequence)s, %(price)s::numeric, %(gpu_count)s, %(gpu_count)s, "
-            "%(status)s, %(duration_s)s, %(escrow)s::numeric, %(escrow)s::numeric, "
-            "%(refunded)s::numeric, %(expires_at)s, %(placed_at)s, %(position)s) "
-            "ON CONFLICT (order_id) DO NOTHING"
-        ).format(orders=orders)
-        self._take = SQL(
-            "UPDATE {orders} SET "
-            "gpu_count_remaining = gpu_count_remaining - %(gpu_count)s, "
-            "status = CASE WHEN gpu_count_remaining = %(gpu_count)s "
-            "THEN %(status_when_empty)s ELSE status END, "
-            "escrow_remaining = escrow_remaining - %(escrow)s::numeric, "
-            "updated_position = %(position)s "
-            "WHERE order_id = %(order_id)s AND side = %(side)s AND status = %(resting)s "
-            "AND %(gpu_count)s > 0 AND gpu_count_remaining >= %(gpu_count)s "
-            "AND (NOT %(whole)s OR gpu_count_remaining = %(gpu_count)s) "
-            "AND (escrow_remaining IS NULL OR escrow_remaining >= %(escrow)s::numeric) "
-            "RETURNING gpu_model, price_per_gpu_hour, escrow_remaining"
-        ).format(orders=orders)
-        self._refund = SQL(
-            "UPDATE {orders} SET escrow_refunded = escrow_remaining, escrow_remaining = 0, "
-            "updated_position = %(position)s "
-            "WHERE order_id = %(order_id)s AND side = 'bid' AND status <> %(resting)s "
-            "AND escrow_remaining = %(escrow)s::numeric "
-            "RETURNING gpu_model"
-        ).format(orders=orders)
-        self._add_depth = SQL(
-            "INSERT INTO {depth} VALUES (%(gpu_model)s, %(side)s, %(price)s::numeric, "
-            "%(gpu_count)s) ON CONFLICT (gpu_model, side, price_per_gpu_hour) "
-            "DO UPDATE SET gpu_count = {depth}.gpu_count + EXCLUDED.gpu_count"
-        ).format(depth=depth)
-        self._drop_depth = SQL(
-            "DELETE FROM {depth} WHERE gpu_model = %(gpu_model)s AND side = %(side)s "
-            "AND price_per_gpu_hour = %(price)s::numeric AND gpu_count = %(gpu_count)s"
-        ).format(depth=depth)
-        self._take_depth = SQL(
-            "UPDATE {depth} SET gpu_count = gpu_count - %(gpu_count)s "
-            "WHERE gpu_model = %(gpu_model)s AND side = %(side)s "
-            "AND price_per_gpu_hour = %(price)s::numeric AND gpu_count > %(gpu_count)s"
-        ).format(depth=depth)
         self._best = {
             side: SQL(
                 "SELECT {agg}(price_per_gpu_hour) AS price FROM {depth} "
@@ -246,207 +190,10 @@ class OrderBookRecorder(MarketViewRecorder):
     # -- writing ----------------------------------------------------------------------------
 
     def _apply_page(self, curs: Cursor[DictRow], events: Page) -> None:
-        for position, event in events:
-            fact = event.fact
-            if isinstance(fact, OrderMatched):
-                ask_model, ask_price, _ = self._take_order(
-                    curs, position, Side.ask, fact.ask_id, fact.gpu_count, OrderStatus.filled
-                )
-                bid_model, bid_price, escrow_left = self._take_order(
-                    curs,
-                    position,
-                    Side.bid,
-                    fact.bid_id,
-                    fact.gpu_count,
-                    OrderStatus.filled,
-                    escrow=fact.escrow_amount,
-                )
-                if not (
-                    ask_model == bid_model == fact.gpu_model
-                    and ask_price == fact.price_per_gpu_hour <= bid_price
-                    and escrow_left is not None
-                    and escrow_left >= 0
-                ):
-                    raise MarketProjectionError(
-                        f"notification {position}: match of ask {fact.ask_id} and bid "
-                        f"{fact.bid_id} does not fit the orders"
-                    )
-                self._see_at(curs, position, fact.gpu_model, fact.matched_at)
-            elif isinstance(fact, AskPlaced):
-                ask = fact.ask
-                self._place(
-                    curs,
-                    position,
-                    sequence=fact.sequence,
-                    placed_at=fact.placed_at,
-                    order_id=ask.id,
-                    side=Side.ask,
-                    gpu_model=ask.gpu_model,
-                    owner_id=ask.provider_id,
-                    node_id=ask.node_id,
-                    price=ask.price_per_gpu_hour,
-                    gpu_count=ask.gpu_count,
-                    duration_s=None,
-                    escrow=None,
-                    refunded=None,
-                    expires_at=ask.expires_at,
-                )
-            elif isinstance(fact, BidPlaced):
-                bid = fact.bid
-                self._place(
-                    curs,
-                    position,
-                    sequence=fact.sequence,
-                    placed_at=fact.placed_at,
-                    order_id=bid.id,
-                    side=Side.bid,
-                    gpu_model=bid.gpu_model,
-                    owner_id=bid.consumer_id,
-                    node_id=None,
-                    price=bid.max_price_per_gpu_hour,
-                    gpu_count=bid.gpu_count,
-                    duration_s=bid.duration_s,
-                    escrow=bid.escrow,
-                    refunded=0,
-                    expires_at=None,
-                )
-            elif isinstance(fact, AskExpired | AskCancelled):
-                status, at = (
-                    (OrderStatus.expired, fact.expired_at)
-                    if isinstance(fact, AskExpired)
-                    else (OrderStatus.cancelled, fact.cancelled_at)
-                )
-                model, _, _ = self._take_order(
-                    curs, position, Side.ask, fact.ask_id, fact.gpu_count, status, whole=True
-                )
-                self._see_at(curs, position, model, at)
-            elif isinstance(fact, BidCancelled):
-                model, _, _ = self._take_order(
-                    curs,
-                    position,
-                    Side.bid,
-                    fact.bid_id,
-                    fact.gpu_count,
-                    OrderStatus.cancelled,
-                    whole=True,
-                )
-                self._see_at(curs, position, model, fact.cancelled_at)
-            else:
-                assert isinstance(fact, BidRemainderRefunded)
-                curs.execute(
-                    self._refund,
-                    {
-                        "order_id": fact.bid_id,
-                        "escrow": fact.escrow_amount,
-                        "resting": _RESTING,
-                        "position": position,
-                    },
-                )
-                row = curs.fetchone()
-                if row is None:
-                    raise MarketProjectionError(
-                        f"notification {position}: bid {fact.bid_id} has no remainder of "
-                        f"{fact.escrow_amount} to refund"
-                    )
-                self._see_at(curs, position, row["gpu_model"], fact.refunded_at)
-
-    def _place(
-        self,
-        curs: Cursor[DictRow],
-        position: int,
-        *,
-        sequence: int,
-        placed_at: datetime,
-        **order: Any,
-    ) -> None:
-        """An order enters its book: the next sequence number, a row, its depth."""
-        gpu_model: str = order["gpu_model"]
-        side = Side(order["side"]).value
-        book = {"gpu_model": gpu_model, "sequence": sequence, "at": placed_at, "position": position}
-        curs.execute(self._next_sequence, book)
-        if curs.rowcount != 1:
-            curs.execute(self._first_sequence, book)
-            if sequence != 1 or curs.rowcount != 1:
-                raise MarketProjectionError(
-                    f"notification {position}: order {order['order_id']} has sequence "
-                    f"{sequence}, not the next of book {gpu_model!r}"
-                )
-        curs.execute(
-            self._insert_order,
-            {
-                **order,
-                "side": side,
-                "sequence": sequence,
-                "placed_at": placed_at,
-                "status": _RESTING,
-                "position": position,
-            },
-        )
-        if curs.rowcount != 1:
-            raise MarketProjectionError(
-                f"notification {position}: order {order['order_id']} placed twice"
-            )
-        curs.execute(
-            self._add_depth,
-            {
-                "gpu_model": gpu_model,
-                "side": side,
-                "price": order["price"],
-                "gpu_count": order["gpu_count"],
-            },
-        )
-
-    def _take_order(
-        self,
-        curs: Cursor[DictRow],
-        position: int,
-        side: Side,
-        order_id: UUID,
-        gpu_count: int,
-        status_when_empty: OrderStatus,
-        *,
-        escrow: int = 0,
-        whole: bool = False,
-    ) -> tuple[str, int, int | None]:
-        """Take GPUs off a resting order (all it has left when `whole`), and off its depth
-        level; once none remain the order leaves the book with `status_when_empty`.
-        Returns the order's GPU model, price and escrow remaining (None for an ask)."""
-        curs.execute(
-            self._take,
-            {
-                "order_id": order_id,
-                "side": side.value,
-                "gpu_count": gpu_count,
-                "status_when_empty": int(status_when_empty),
-                "escrow": escrow,
-                "resting": _RESTING,
-                "whole": whole,
-                "position": position,
-            },
-        )
-        row = curs.fetchone()
-        if row is None:
-            raise MarketProjectionError(
-                f"notification {position}: {side.value} {order_id} is not resting with "
-                f"{gpu_count} GPUs to take"
-            )
-        gpu_model: str = row["gpu_model"]
-        price = int(row["price_per_gpu_hour"])
-        left = row["escrow_remaining"]
-        level = {"gpu_model": gpu_model, "side": side.value, "price": price, "gpu_count": gpu_count}
-        # The level leaves the book with its last GPUs, as the book deletes it.
-        curs.execute(self._drop_depth, level)
-        if curs.rowcount != 1:
-            curs.execute(self._take_depth, level)
-            if curs.rowcount != 1:
-                raise MarketProjectionError(
-                    f"notification {position}: depth of {gpu_model!r} {side.value} {price} "
-                    f"below {gpu_count}"
-                )
-        return gpu_model, price, None if left is None else int(left)
-
-    def _see_at(self, curs: Cursor[DictRow], position: int, gpu_model: str, at: datetime) -> None:
-        curs.execute(self._see, {"gpu_model": gpu_model, "at": at, "position": position})
+        """Apply a page in memory: load the books, orders and depth levels it touches (one
+        query each), apply every fact with the checks below, then write back each row that
+        changed once (and delete the depth levels that emptied)."""
+        _PageBooks(self, curs, events).apply()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -508,6 +255,338 @@ class OrderBookRecorder(MarketViewRecorder):
             params = (gpu_model, _RESTING)
         rows = self.read(ORDERS_TABLE_NAME, where, params, order_by=("side", "sequence"))
         return [_order(r) for r in rows]
+
+
+_DepthKey = tuple[str, str, int]
+"""gpu_model, side, price_per_gpu_hour."""
+
+
+class _PageBooks:
+    """One page of order book facts applied to the rows they touch, then written back.
+
+    The rules are the view's: a placed order takes its book's next sequence number (1 opens
+    the book) and must be new; GPUs are taken only off a resting order of that side that
+    has them (all it has left when `whole`) and, for a bid, the escrow they draw; an order
+    with none left leaves the book; a depth level leaves the book with its last GPUs; a
+    remainder is refunded only off a bid out of the book that holds exactly it; every fact
+    moves its book's time on (the latest of its facts'). A fact that breaks one of them is
+    `MarketProjectionError`, and the page's transaction writes nothing."""
+
+    def __init__(self, recorder: OrderBookRecorder, curs: Cursor[DictRow], events: Page) -> None:
+        self.recorder = recorder
+        self.curs = curs
+        self.events = events
+        self.books: dict[str, dict[str, Any]] = {}
+        self.orders: dict[UUID, dict[str, Any]] = {}
+        self.depth: dict[_DepthKey, int] = {}
+        self.depth_stored: set[_DepthKey] = set()
+        self.books_changed: set[str] = set()
+        self.orders_changed: set[UUID] = set()
+        self.depth_changed: set[_DepthKey] = set()
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        order_ids: set[UUID] = set()
+        models: set[str] = set()
+        for _, event in self.events:
+            fact = event.fact
+            if isinstance(fact, AskPlaced):
+                order_ids.add(fact.ask.id)
+                models.add(fact.ask.gpu_model)
+            elif isinstance(fact, BidPlaced):
+                order_ids.add(fact.bid.id)
+                models.add(fact.bid.gpu_model)
+            elif isinstance(fact, OrderMatched):
+                order_ids.update((fact.ask_id, fact.bid_id))
+                models.add(fact.gpu_model)
+            elif isinstance(fact, AskExpired | AskCancelled):
+                order_ids.add(fact.ask_id)
+            else:
+                assert isinstance(fact, BidCancelled | BidRemainderRefunded)
+                order_ids.add(fact.bid_id)
+        r = self.recorder
+        for row in r.select(
+            self.curs, ORDERS_TABLE_NAME, SQL("order_id = ANY(%s)"), (list(order_ids),)
+        ):
+            self.orders[row["order_id"]] = row
+            models.add(row["gpu_model"])
+        for row in r.select(
+            self.curs, BOOKS_TABLE_NAME, SQL("gpu_model = ANY(%s)"), (sorted(models),)
+        ):
+            self.books[row["gpu_model"]] = row
+        for row in r.select(
+            self.curs, DEPTH_TABLE_NAME, SQL("gpu_model = ANY(%s)"), (sorted(models),)
+        ):
+            key = (row["gpu_model"], row["side"], row["price_per_gpu_hour"])
+            self.depth[key] = row["gpu_count"]
+            self.depth_stored.add(key)
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def apply(self) -> None:
+        self._load()
+        for position, event in self.events:
+            self._apply(position, event.fact)
+        self._write()
+
+    def _apply(self, position: int, fact: Any) -> None:
+        if isinstance(fact, OrderMatched):
+            ask_model, ask_price, _ = self._take_order(
+                position, Side.ask, fact.ask_id, fact.gpu_count, OrderStatus.filled
+            )
+            bid_model, bid_price, escrow_left = self._take_order(
+                position,
+                Side.bid,
+                fact.bid_id,
+                fact.gpu_count,
+                OrderStatus.filled,
+                escrow=fact.escrow_amount,
+            )
+            if not (
+                ask_model == bid_model == fact.gpu_model
+                and ask_price == fact.price_per_gpu_hour <= bid_price
+                and escrow_left is not None
+                and escrow_left >= 0
+            ):
+                raise MarketProjectionError(
+                    f"notification {position}: match of ask {fact.ask_id} and bid "
+                    f"{fact.bid_id} does not fit the orders"
+                )
+            self._see_at(position, fact.gpu_model, fact.matched_at)
+        elif isinstance(fact, AskPlaced):
+            ask = fact.ask
+            self._place(
+                position,
+                sequence=fact.sequence,
+                placed_at=fact.placed_at,
+                order_id=ask.id,
+                side=Side.ask,
+                gpu_model=ask.gpu_model,
+                owner_id=ask.provider_id,
+                node_id=ask.node_id,
+                price=ask.price_per_gpu_hour,
+                gpu_count=ask.gpu_count,
+                duration_s=None,
+                escrow=None,
+                refunded=None,
+                expires_at=ask.expires_at,
+            )
+        elif isinstance(fact, BidPlaced):
+            bid = fact.bid
+            self._place(
+                position,
+                sequence=fact.sequence,
+                placed_at=fact.placed_at,
+                order_id=bid.id,
+                side=Side.bid,
+                gpu_model=bid.gpu_model,
+                owner_id=bid.consumer_id,
+                node_id=None,
+                price=bid.max_price_per_gpu_hour,
+                gpu_count=bid.gpu_count,
+                duration_s=bid.duration_s,
+                escrow=bid.escrow,
+                refunded=0,
+                expires_at=None,
+            )
+        elif isinstance(fact, AskExpired | AskCancelled):
+            status, at = (
+                (OrderStatus.expired, fact.expired_at)
+                if isinstance(fact, AskExpired)
+                else (OrderStatus.cancelled, fact.cancelled_at)
+            )
+            model, _, _ = self._take_order(
+                position, Side.ask, fact.ask_id, fact.gpu_count, status, whole=True
+            )
+            self._see_at(position, model, at)
+        elif isinstance(fact, BidCancelled):
+            model, _, _ = self._take_order(
+                position, Side.bid, fact.bid_id, fact.gpu_count, OrderStatus.cancelled, whole=True
+            )
+            self._see_at(position, model, fact.cancelled_at)
+        else:
+            assert isinstance(fact, BidRemainderRefunded)
+            order = self.orders.get(fact.bid_id)
+            if (
+                order is None
+                or order["side"] != Side.bid.value
+                or order["status"] == _RESTING
+                or order["escrow_remaining"] != fact.escrow_amount
+            ):
+                raise MarketProjectionError(
+                    f"notification {position}: bid {fact.bid_id} has no remainder of "
+                    f"{fact.escrow_amount} to refund"
+                )
+            order["escrow_refunded"] = order["escrow_remaining"]
+            order["escrow_remaining"] = 0
+            order["updated_position"] = position
+            self.orders_changed.add(fact.bid_id)
+            self._see_at(position, order["gpu_model"], fact.refunded_at)
+
+    def _place(
+        self,
+        position: int,
+        *,
+        sequence: int,
+        placed_at: datetime,
+        order_id: UUID,
+        side: Side,
+        gpu_model: str,
+        owner_id: UUID,
+        node_id: UUID | None,
+        price: int,
+        gpu_count: int,
+        duration_s: int | None,
+        escrow: int | None,
+        refunded: int | None,
+        expires_at: datetime | None,
+    ) -> None:
+        """An order enters its book: the next sequence number, a row, its depth."""
+        book = self.books.get(gpu_model)
+        if book is not None and book["sequence"] == sequence - 1:
+            book["sequence"] = sequence
+            book["latest_at"] = max(book["latest_at"], placed_at)
+            book["updated_position"] = position
+        elif book is None and sequence == 1:
+            self.books[gpu_model] = {
+                "gpu_model": gpu_model,
+                "sequence": sequence,
+                "latest_at": placed_at,
+                "updated_position": position,
+            }
+        else:
+            raise MarketProjectionError(
+                f"notification {position}: order {order_id} has sequence "
+                f"{sequence}, not the next of book {gpu_model!r}"
+            )
+        self.books_changed.add(gpu_model)
+        if order_id in self.orders:
+            raise MarketProjectionError(f"notification {position}: order {order_id} placed twice")
+        if gpu_count < 0 or (escrow is not None and escrow < 0):
+            raise MarketProjectionError(
+                f"notification {position}: order {order_id} placed with a negative amount"
+            )
+        self.orders[order_id] = {
+            "order_id": order_id,
+            "side": side.value,
+            "gpu_model": gpu_model,
+            "owner_id": owner_id,
+            "node_id": node_id,
+            "sequence": sequence,
+            "price_per_gpu_hour": price,
+            "gpu_count": gpu_count,
+            "gpu_count_remaining": gpu_count,
+            "status": _RESTING,
+            "duration_s": duration_s,
+            "escrow": escrow,
+            "escrow_remaining": escrow,
+            "escrow_refunded": refunded,
+            "expires_at": expires_at,
+            "placed_at": placed_at,
+            "updated_position": position,
+        }
+        self.orders_changed.add(order_id)
+        key = (gpu_model, side.value, price)
+        count = self.depth.get(key, 0) + gpu_count
+        if count <= 0:
+            raise MarketProjectionError(
+                f"notification {position}: depth of {gpu_model!r} {side.value} {price} "
+                f"would hold {count} GPUs"
+            )
+        self.depth[key] = count
+        self.depth_changed.add(key)
+
+    def _take_order(
+        self,
+        position: int,
+        side: Side,
+        order_id: UUID,
+        gpu_count: int,
+        status_when_empty: OrderStatus,
+        *,
+        escrow: int = 0,
+        whole: bool = False,
+    ) -> tuple[str, int, int | None]:
+        """Take GPUs off a resting order (all it has left when `whole`), and off its depth
+        level; once none remain the order leaves the book with `status_when_empty`.
+        Returns the order's GPU model, price and escrow remaining (None for an ask)."""
+        order = self.orders.get(order_id)
+        if order is None or not (
+            order["side"] == side.value
+            and order["status"] == _RESTING
+            and gpu_count > 0
+            and order["gpu_count_remaining"] >= gpu_count
+            and (not whole or order["gpu_count_remaining"] == gpu_count)
+            and (order["escrow_remaining"] is None or order["escrow_remaining"] >= escrow)
+        ):
+            raise MarketProjectionError(
+                f"notification {position}: {side.value} {order_id} is not resting with "
+                f"{gpu_count} GPUs to take"
+            )
+        if order["gpu_count_remaining"] == gpu_count:
+            order["status"] = int(status_when_empty)
+        order["gpu_count_remaining"] -= gpu_count
+        if order["escrow_remaining"] is not None:
+            order["escrow_remaining"] -= escrow
+        order["updated_position"] = position
+        self.orders_changed.add(order_id)
+        gpu_model: str = order["gpu_model"]
+        price: int = order["price_per_gpu_hour"]
+        key = (gpu_model, side.value, price)
+        level = self.depth.get(key, 0)
+        if level < gpu_count:
+            raise MarketProjectionError(
+                f"notification {position}: depth of {gpu_model!r} {side.value} {price} "
+                f"below {gpu_count}"
+            )
+        # The level leaves the book with its last GPUs, as the book deletes it.
+        if level == gpu_count:
+            del self.depth[key]
+        else:
+            self.depth[key] = level - gpu_count
+        self.depth_changed.add(key)
+        left: int | None = order["escrow_remaining"]
+        return gpu_model, price, left
+
+    def _see_at(self, position: int, gpu_model: str, at: datetime) -> None:
+        book = self.books.get(gpu_model)
+        if book is not None:
+            book["latest_at"] = max(book["latest_at"], at)
+            book["updated_position"] = position
+            self.books_changed.add(gpu_model)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        r = self.recorder
+        r.upsert(self.curs, BOOKS_TABLE_NAME, [self.books[m] for m in sorted(self.books_changed)])
+        r.upsert(self.curs, ORDERS_TABLE_NAME, [self.orders[i] for i in self.orders_changed])
+        emptied = sorted(
+            k for k in self.depth_changed if k not in self.depth and k in self.depth_stored
+        )
+        if emptied:
+            self.curs.execute(
+                SQL(
+                    "DELETE FROM {depth} WHERE (gpu_model, side, price_per_gpu_hour) IN "
+                    "(SELECT * FROM unnest(%s::text[], %s::text[], %s::numeric[]))"
+                ).format(depth=r.table_sql(DEPTH_TABLE_NAME)),
+                ([k[0] for k in emptied], [k[1] for k in emptied], [k[2] for k in emptied]),
+            )
+        levels = sorted(k for k in self.depth_changed if k in self.depth)
+        r.upsert(
+            self.curs,
+            DEPTH_TABLE_NAME,
+            [
+                {
+                    "gpu_model": k[0],
+                    "side": k[1],
+                    "price_per_gpu_hour": k[2],
+                    "gpu_count": self.depth[k],
+                }
+                for k in levels
+            ],
+        )
 
 
 def _order(row: dict[str, Any]) -> OrderRow:

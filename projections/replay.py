@@ -15,7 +15,8 @@ the shape of the work:
 - each log is read once for all its views (not once per view), in big pages
   (`REPLAY_PAGE_SIZE`), and only the rows of the topics some view reads: the database skips
   the rest (commands handled, facts no view reads), whose positions are tracked all the
-  same (a page's tracking is the position it was read up to);
+  same (a view's write tracks the position it was read up to; a page holding nothing a
+  view reads costs that view no transaction: its next write tracks those positions);
 - each event is decoded once, and handed to every view that reads its type;
 - the next page is read (by a thread, from the database) while the current one is applied;
 - a view applies a big page in one transaction: the views that fold state (leases,
@@ -28,29 +29,42 @@ Positions are per log: a notification id of `marketplace_events` or `ledger_even
 from __future__ import annotations
 
 import contextlib
+import gc
+import operator
+import os
+import pickle
 import queue
+import signal
 import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TextIO
+from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import Notification, Tracking
+from eventsourcing.postgres import PostgresDatastore
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
+from domain.usage import UsageRecorded
 from ledger.events import BatchCommitted, LedgerEvent
 from ledger.market.store import MarketplaceApplication
+from ledger.settlement import SETTLEMENT_APPLICATION_NAME
 from ledger.store import LedgerApplication
+from ledger.usage import USAGE_APPLICATION_NAME
 from projections import balances, view
 
 REPLAY_PAGE_SIZE = 20_000
 """Log events read, and applied by each view in one transaction, per page."""
 REPLAY_PAGE_SIZE_MAX = 100_000
+SETUP_THREADS_MAX = 4
+"""Threads that create the rebuilt views' tables (and count the logs) at once."""
 LIVE_POINT_TRIES_MAX = 5
 """Tries at reading a live view's position and hash while a projector moves it on."""
 PROGRESS_INTERVAL_S = 0.5
@@ -60,6 +74,8 @@ PROGRESS_BAR_WIDTH = 24
 TIME_FIELDS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     MarketplaceApplication.name: ("recorded_at", ()),
     LedgerApplication.name: ("timestamp", (f"{BatchCommitted.__module__}:BatchCommitted",)),
+    SETTLEMENT_APPLICATION_NAME: ("recorded_at", ()),
+    USAGE_APPLICATION_NAME: ("received_at", ()),
 }
 """Per log: the field of an event's stored JSON that holds its recorded time, and the
 topics whose time does not cut the log (the ledger's batch records, as `ledger.queries`)."""
@@ -248,8 +264,15 @@ class _Target:
     """Topics the view reads; None: every topic."""
     stop: int
     tracked: int = 0
+    """The position the rebuilt view tracks (written with its rows)."""
+    read: int = 0
+    """The position the view's log was read up to for it: past `tracked` while the pages
+    since held nothing it reads (their positions are tracked with its next write)."""
     applied: int = 0
     write_s: float = 0.0
+    writer: Any = None
+    """The recorder pages are written through (None: `rebuilt.view`; a worker process
+    writes through recorders of its own connections)."""
 
 
 @dataclass
@@ -283,6 +306,14 @@ class _Log:
         if isinstance(self.app, MarketplaceApplication):
             event = self.decoder.event
             return lambda row: event(row[1], row[2], row[3], row[4])
+        if isinstance(self.app, LedgerApplication):
+            ledger = balances.LedgerDecoder(self.app.mapper).event
+
+            def ledger_event_fast(row: _Row) -> Any:
+                found = ledger(row[0], row[1], row[2], row[3], row[4])
+                return found if isinstance(found, LedgerEvent) else None
+
+            return ledger_event_fast
         mapper = self.app.mapper
 
         def ledger_event(row: _Row) -> Any:
@@ -294,7 +325,7 @@ class _Log:
                 state=row[4],
             )
             found = mapper.to_domain_event(n)
-            return found if isinstance(found, LedgerEvent) else None
+            return found if isinstance(found, LedgerEvent | UsageRecorded) else None
 
         return ledger_event
 
@@ -307,17 +338,40 @@ def _topics_of(projection: AnyProjection) -> frozenset[str] | None:
     return None
 
 
-def _rebuilt(projection: AnyProjection, schema: str) -> AnyProjection:
-    """A projection of the same log into the view's tables in `schema` (created)."""
+def _rebuilt(
+    projection: AnyProjection,
+    schema: str,
+    *,
+    pools: dict[tuple[tuple[str, str], ...], Any] | None = None,
+) -> AnyProjection:
+    """A projection of the same log into the view's tables in `schema` (created). Views of
+    the same database share one connection pool, kept in `pools` (by the POSTGRES_*
+    settings): the first view opens it, as `construct_view` does; closing any view closes
+    it (the others' closes then do nothing)."""
+    env = projection.app.env
+    key = tuple(sorted((k, str(v)) for k, v in env.items() if k.startswith("POSTGRES_")))
+    shared = None if pools is None else pools.get(key)
     if isinstance(projection, balances.BalancesProjection):
-        return balances.BalancesProjection(
-            projection.app, balances.construct_view(projection.app.env, schema=schema)
-        )
-    if isinstance(projection, view.MarketProjection):
-        recorder = view.construct_view(type(projection.view), projection.app.env, schema=schema)
-        rebuilt: AnyProjection = type(projection)(projection.app, recorder)
-        return rebuilt
-    raise ReplayError(f"cannot rebuild a {type(projection).__name__}")
+        if shared is None:
+            recorder: Any = balances.construct_view(env, schema=schema)
+        else:
+            recorder = balances.BalancesRecorder(shared)
+            recorder.create_table()
+        rebuilt: AnyProjection = balances.BalancesProjection(projection.app, recorder)
+    elif isinstance(projection, view.MarketProjection):
+        if shared is None:
+            recorder = view.construct_view(type(projection.view), env, schema=schema)
+        else:
+            recorder = type(projection.view)(shared)
+            recorder.create_table()
+        rebuilt = type(projection)(projection.app, recorder)
+    else:
+        raise ReplayError(f"cannot rebuild a {type(projection).__name__}")
+    if pools is not None:
+        pools.setdefault(key, recorder.datastore)
+    # A rebuild is thrown away if it does not finish: its pages need not wait for the disk.
+    recorder.synchronous_commit = False
+    return rebuilt
 
 
 def table_names(recorder: Any) -> tuple[str, ...]:
@@ -372,27 +426,37 @@ def check_schema_empty(database_url: str, schema: str) -> bool:
     return True
 
 
-_Row = tuple[int, str, int, str, bytes]
-"""notification_id, originator_id (text), originator_version, topic, state."""
+_Row = tuple[int, UUID, int, str, bytes]
+"""notification_id, originator_id, originator_version, topic, state."""
+_position_of = operator.itemgetter(0)
 
 
 def _pages(
-    log: _Log, page_size: int, timings: dict[str, float]
+    log: _Log,
+    page_size: int,
+    timings: dict[str, float],
+    connect: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> Iterator[tuple[list[_Row], int]]:
     """The log's rows of the topics read, up to its stop, a page at a time, with the
     position each page covers up to; the next page is read (by a thread) while this one is
-    applied."""
+    applied.
+
+    A page is a range of `page_size` positions (so at most that many rows), read without
+    ORDER BY and sorted here: the database scans the range however its planner likes
+    (never a sort spilled to disk, whatever the table's statistics say), and the rows come
+    in binary (bytes as they are stored, no hex to undo). `connect`: where the reader's
+    connection comes from (default: the log's pool)."""
     stop = log.stop
     topics = log.topics()
     datastore = log.app.recorder.datastore
+    connect = connect or datastore.get_connection
     statement = SQL(
-        "SELECT notification_id, originator_id::text, originator_version, topic, state "
+        "SELECT notification_id, originator_id, originator_version, topic, state "
         "FROM {schema}.{table} WHERE notification_id > %s AND notification_id <= %s {topics}"
-        "ORDER BY notification_id LIMIT %s"
     ).format(
         schema=Identifier(datastore.schema),
         table=Identifier(_table_name(log.app)),
-        topics=SQL("AND topic = ANY(%s) " if topics else ""),
+        topics=SQL("AND topic = ANY(%s)" if topics else ""),
     )
     pages: queue.Queue[tuple[list[_Row], int] | BaseException | None] = queue.Queue(2)
     halt = threading.Event()
@@ -400,17 +464,16 @@ def _pages(
     def read() -> None:
         start = 0
         try:
-            with datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            with connect() as conn, conn.cursor(row_factory=tuple_row, binary=True) as curs:
                 while not halt.is_set() and start < stop:
                     began = time.perf_counter()
-                    params: tuple[Any, ...] = (
-                        (start, stop, topics, page_size) if topics else (start, stop, page_size)
-                    )
+                    end = min(start + page_size, stop)
+                    params: tuple[Any, ...] = (start, end, topics) if topics else (start, end)
                     curs.execute(statement, params, prepare=True)
                     rows: list[_Row] = curs.fetchall()
                     conn.rollback()
+                    rows.sort(key=_position_of)
                     timings["read (thread)"] += time.perf_counter() - began
-                    end = rows[-1][0] if len(rows) == page_size else stop
                     pages.put((rows, end))
                     start = end
             pages.put(None)
@@ -437,6 +500,32 @@ def _pages(
         reader.join()
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (and back as it was after).
+
+    A replay allocates millions of short-lived, acyclic objects (rows, events, facts: freed
+    by reference counting) while holding caches and pages that live long: the collector
+    would be triggered every few hundred allocations and keep walking the long-lived ones
+    (about half the replay's time in a measured run). It is switched off instead, and the
+    young generation is collected after each page (`_collect_young`), which frees any cycle
+    a page left behind: memory stays bounded by a page, as before."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _collect_young(timings: dict[str, float]) -> None:
+    began = time.perf_counter()
+    gc.collect(0)
+    timings["collect"] += time.perf_counter() - began
+
+
+@_collector_paused()
 def replay(
     projections: Mapping[str, AnyProjection],
     schema: str,
@@ -444,10 +533,14 @@ def replay(
     stops: Mapping[str, int] | None = None,
     page_size: int = REPLAY_PAGE_SIZE,
     progress: TextIO | None = None,
+    parallel: bool = True,
 ) -> ReplayResult:
     """Rebuild each view of `projections` (name -> live projection) from zero into `schema`
     (an existing, empty schema), up to `stops[name]` (inclusive; default: its log's last
-    event; views not in a given `stops` are left out). The rebuilt views stay in `schema`."""
+    event; views not in a given `stops` are left out). The rebuilt views stay in `schema`.
+
+    `parallel`: the logs but the biggest are replayed by a worker process meanwhile (where
+    the platform can fork); False: all here, one log after the other."""
     if not 0 < page_size <= REPLAY_PAGE_SIZE_MAX:
         raise ReplayError(f"page size must be within 1..{REPLAY_PAGE_SIZE_MAX}, got {page_size}")
     started = time.perf_counter()
@@ -455,7 +548,9 @@ def replay(
     timings: dict[str, float] = defaultdict(float)
     logs: dict[str, _Log] = {}
     rebuilt: list[_Target] = []
+    pools: dict[tuple[tuple[str, str], ...], Any] = {}
     try:
+        chosen: list[tuple[str, AnyProjection, int]] = []
         for name, p in projections.items():
             if stops is not None and name not in stops:
                 continue
@@ -465,22 +560,78 @@ def replay(
                     f"{name}: position {stop} is not in the {p.app.name} log "
                     f"(0..{heads[p.app.name]})"
                 )
-            target = _Target(name, p, _rebuilt(p, schema), _topics_of(p), stop)
-            rebuilt.append(target)
-            logs.setdefault(p.app.name, _Log(p.app)).targets.append(target)
-        events = {log.name: _count_events(log.app, log.stop) for log in logs.values()}
+            chosen.append((name, p, stop))
+        furthest: dict[str, tuple[Any, int]] = {}
+        for _, p, stop in chosen:
+            if stop >= furthest.get(p.app.name, (None, -1))[1]:
+                furthest[p.app.name] = (p.app, stop)
+        # The views' tables are created and the logs counted at once (each a few round trips
+        # and a commit, waiting on the database); the first view opens the shared pool.
+        with ThreadPoolExecutor(SETUP_THREADS_MAX, thread_name_prefix="replay-setup") as setup:
+            counting = {
+                (log, stop): setup.submit(_count_events, app, stop)
+                for log, (app, stop) in furthest.items()
+            }
+            building: list[Future[AnyProjection]] = []
+            for i, (_, p, _) in enumerate(chosen):
+                if i == 0:  # opens the shared pool: the others wait for it
+                    building.append(Future())
+                    try:
+                        building[0].set_result(_rebuilt(p, schema, pools=pools))
+                    except Exception as e:
+                        building[0].set_exception(e)
+                        break
+                else:
+                    building.append(setup.submit(_rebuilt, p, schema, pools=pools))
+            failure: BaseException | None = None
+            for (name, p, stop), future in zip(chosen, building, strict=False):
+                if future.exception() is not None:
+                    failure = failure or future.exception()
+                    continue
+                target = _Target(name, p, future.result(), _topics_of(p), stop)
+                rebuilt.append(target)
+                logs.setdefault(p.app.name, _Log(p.app)).targets.append(target)
+            if failure is not None:
+                raise failure
+            counts = {key: future.result() for key, future in counting.items()}
+
+        def counted(app: Any, stop: int) -> int:
+            """Events of a log up to `stop` (counted once per log and stop)."""
+            key = (app.name, stop)
+            if key not in counts:
+                counts[key] = _count_events(app, stop)
+            return counts[key]
+
+        events = {log.name: counted(log.app, log.stop) for log in logs.values()}
+        timings["setup"] += time.perf_counter() - started
         bar = Progress(progress, sum(events.values()), started)
-        done_before = 0
-        for log in logs.values():
-            offset = log.stop - events[log.name]  # positions not taken (gaps in the ids)
-            for notifications, end in _pages(log, page_size, timings):
-                _apply(log, notifications, end, timings)
-                bar.update(done_before + max(0, min(events[log.name], end - offset)))
-            for target in log.targets:  # views whose stop no page reached (nothing to read)
-                if target.tracked < target.stop:
-                    _apply_to(target, log, [], target.stop, timings)
-            done_before += events[log.name]
-            bar.update(done_before)
+        # The log with the most events is replayed here; with `parallel`, the others are
+        # replayed meanwhile by one worker process (forked: it starts at once, with the
+        # views as they are here), each view still by one writer.
+        ordered = sorted(logs.values(), key=lambda log: events[log.name], reverse=True)
+        worker = None
+        if parallel and len(ordered) > 1 and hasattr(os, "fork"):
+            worker = _Worker.start(ordered[1:], page_size)
+            ordered = ordered[:1]
+        try:
+            done_before = 0
+            for log in ordered:
+                offset = log.stop - events[log.name]  # positions not taken (gaps in the ids)
+
+                def shown(
+                    end: int, log: _Log = log, offset: int = offset, before: int = done_before
+                ) -> None:
+                    bar.update(before + max(0, min(events[log.name], end - offset)))
+
+                _replay_log(log, page_size, timings, shown)
+                done_before += events[log.name]
+                bar.update(done_before)
+            if worker is not None:
+                worker.join(timings)
+                bar.update(sum(events.values()))
+        finally:
+            if worker is not None:
+                worker.stop()
         bar.finish()
         began = time.perf_counter()
         views = tuple(
@@ -488,7 +639,7 @@ def replay(
                 name=t.name,
                 log=t.projection.app.name,
                 position=t.rebuilt.position(),
-                events=_count_events(t.projection.app, t.stop),
+                events=counted(t.projection.app, t.stop),
                 applied=t.applied,
                 state_hash=t.rebuilt.state_hash(),
                 tables=_rows_per_table(t.rebuilt.view),
@@ -509,11 +660,156 @@ def replay(
     )
 
 
+def _replay_log(
+    log: _Log,
+    page_size: int,
+    timings: dict[str, float],
+    shown: Callable[[int], None] = lambda end: None,
+    connect: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+) -> None:
+    """Every page of one log applied to its views, then each view's tracking brought to its
+    stop (views whose last pages held nothing they read, or that no page reached)."""
+    for rows, end in _pages(log, page_size, timings, connect):
+        _apply(log, rows, end, timings)
+        del rows
+        _collect_young(timings)
+        shown(end)
+    for target in log.targets:
+        if target.tracked < target.stop:
+            _apply_to(target, log, [], target.stop, timings)
+
+
+class _Worker:
+    """A forked process that replays some logs into their rebuilt views and reports, per
+    view, what it applied (the views' rows are in the database, where the parent reads
+    their hashes).
+
+    The child uses nothing of the parent's connections (they are the parent's: a child
+    that closed one would end the parent's session): it opens its own, for reading and for
+    writing, never frees an object it inherited (the collector is off, the inherited
+    objects frozen), and leaves by `os._exit`, which runs no finalizer and flushes no
+    inherited buffer."""
+
+    def __init__(self, pid: int, results: int, logs: Sequence[_Log]) -> None:
+        self.pid = pid
+        self.results = results
+        self.logs = logs
+
+    @classmethod
+    def start(cls, logs: Sequence[_Log], page_size: int) -> _Worker:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(read_end)
+            code = 0
+            try:
+                gc.freeze()
+                try:
+                    report: Any = ("done", _replay_in_worker(logs, page_size))
+                except BaseException as e:
+                    code = 1
+                    report = ("failed", e)
+                try:
+                    payload = pickle.dumps(report)
+                except Exception:
+                    payload = pickle.dumps(("failed", ReplayError(f"worker: {report[1]!r}")))
+                view_of_payload = memoryview(payload)
+                while view_of_payload:
+                    view_of_payload = view_of_payload[os.write(write_end, view_of_payload) :]
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        return cls(pid, read_end, logs)
+
+    def join(self, timings: dict[str, float]) -> None:
+        """Wait for the worker; take its views' counts and positions, or raise its error."""
+        chunks = []
+        while chunk := os.read(self.results, 1 << 16):
+            chunks.append(chunk)
+        os.close(self.results)
+        self.results = -1
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        if not chunks:
+            raise ReplayError(f"the replay worker ended with status {status} and no report")
+        outcome, found = pickle.loads(b"".join(chunks))  # noqa: S301 - our own child's
+        if outcome != "done":
+            raise found
+        by_name = {t.name: t for log in self.logs for t in log.targets}
+        for name, (applied, tracked, write_s) in found["views"].items():
+            target = by_name[name]
+            target.applied, target.tracked, target.read = applied, tracked, tracked
+            target.write_s = write_s
+        for key, seconds in found["timings"].items():
+            timings[f"worker: {key}"] += seconds
+
+    def stop(self) -> None:
+        """End the worker if it still runs (the replay failed here first)."""
+        if self.results >= 0:
+            os.close(self.results)
+            self.results = -1
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+
+
+def _replay_in_worker(logs: Sequence[_Log], page_size: int) -> dict[str, Any]:
+    """In the worker: each log replayed through connections of its own."""
+    timings: dict[str, float] = defaultdict(float)
+    opened: dict[int, Any] = {}
+    try:
+        for log in logs:
+            reading = _connection_kwargs(log.app.recorder.datastore)
+            for target in log.targets:
+                inherited = target.rebuilt.view.datastore
+                if id(inherited) not in opened:
+                    opened[id(inherited)] = _datastore_like(inherited)
+                target.writer = type(target.rebuilt.view)(opened[id(inherited)])
+                target.writer.synchronous_commit = target.rebuilt.view.synchronous_commit
+
+            def connect(reading: dict[str, Any] = reading) -> psycopg.Connection[Any]:
+                return psycopg.connect(**reading)
+
+            _replay_log(log, page_size, timings, connect=connect)
+    finally:
+        for datastore in opened.values():
+            datastore.close()
+    views = {t.name: (t.applied, t.tracked, t.write_s) for log in logs for t in log.targets}
+    return {"views": views, "timings": dict(timings)}
+
+
+def _connection_kwargs(datastore: Any) -> dict[str, Any]:
+    """How the datastore's pool connects (dbname, host, port, user, password)."""
+    kwargs: dict[str, Any] = dict(datastore.pool.kwargs)
+    kwargs.pop("row_factory", None)
+    return kwargs
+
+
+def _datastore_like(datastore: PostgresDatastore) -> PostgresDatastore:
+    """A datastore with its own pool, to the same database and schema as `datastore`."""
+    kwargs = _connection_kwargs(datastore)
+    return PostgresDatastore(
+        dbname=kwargs["dbname"],
+        host=kwargs["host"],
+        port=kwargs["port"],
+        user=kwargs["user"],
+        password=kwargs["password"],
+        schema=datastore.schema,
+        lock_timeout=datastore.lock_timeout,
+        idle_in_transaction_session_timeout=datastore.idle_in_transaction_session_timeout,
+        single_row_tracking=datastore.single_row_tracking,
+        originator_id_type=datastore.originator_id_type,  # type: ignore[arg-type]
+        enable_db_functions=datastore.enable_db_functions,
+    )
+
+
 def _apply(log: _Log, rows: Sequence[_Row], end: int, timings: dict[str, float]) -> None:
     """Decode a page once and hand each view the events of its topics, in log order."""
     began = time.perf_counter()
     decode = log.decoder_of()
-    active = [t for t in log.targets if t.tracked < t.stop]
+    active = [t for t in log.targets if t.read < t.stop]
     pages: list[list[tuple[int, Any]]] = [[] for _ in active]
     readers: dict[str, list[list[tuple[int, Any]]]] = {}
     for row in rows:
@@ -536,6 +832,10 @@ def _apply(log: _Log, rows: Sequence[_Row], end: int, timings: dict[str, float])
         stop = target.stop
         if end > stop:
             page = [item for item in page if item[0] <= stop]
+        if not page and end < stop:
+            # Nothing the view reads: no transaction, its next page tracks these positions.
+            target.read = end
+            continue
         _apply_to(target, log, page, min(end, stop), timings)
 
 
@@ -547,13 +847,12 @@ def _apply_to(
     timings: dict[str, float],
 ) -> None:
     began = time.perf_counter()
-    target.applied += target.rebuilt.view.apply_page(
-        page, Tracking(log.name, end), after=target.tracked
-    )
+    writer = target.writer or target.rebuilt.view
+    target.applied += writer.apply_page(page, Tracking(log.name, end), after=target.tracked)
     spent = time.perf_counter() - began
     target.write_s += spent
     timings["apply"] += spent
-    target.tracked = end
+    target.tracked = target.read = end
 
 
 def compare(result: ReplayResult, live: Mapping[str, LivePoint]) -> list[Comparison]:

@@ -159,6 +159,8 @@ def canonical(value: Any) -> Any:
 
 # -- the view recorder ----------------------------------------------------------------------
 
+_ASYNCHRONOUS_COMMIT = SQL("SET LOCAL synchronous_commit TO off")
+
 
 class MarketViewRecorder(PostgresTrackingRecorder, ABC):
     """A view's tables and its tracking table, in one schema; every write is tracked.
@@ -171,6 +173,11 @@ class MarketViewRecorder(PostgresTrackingRecorder, ABC):
     tables: ClassVar[tuple[Table, ...]]
     fact_types: ClassVar[tuple[type[Any], ...]]
     """The facts of the log this view reads; all others are skipped (and tracked)."""
+    synchronous_commit: bool = True
+    """False: a page's transaction commits without waiting for its WAL to reach the disk
+    (`SET LOCAL synchronous_commit TO off`). A crash may then lose the last pages, rows
+    and tracking together (the view stays at an earlier position, exactly once); for a
+    rebuild in a fresh schema, which is redone if it does not finish."""
 
     def __init__(
         self,
@@ -223,6 +230,8 @@ class MarketViewRecorder(PostgresTrackingRecorder, ABC):
         """
         page = [(p, e) for p, e in events if isinstance(e.fact, self.fact_types)]
         with self.datastore.transaction(commit=True) as curs:
+            if not self.synchronous_commit:
+                curs.execute(_ASYNCHRONOUS_COMMIT, prepare=True)
             if after is not None:
                 curs.execute(self._lock_statement, (self._lock_key,), prepare=True)
                 tracked = self._max_tracking_id(tracking.application_name, curs) or 0
@@ -379,7 +388,8 @@ class MarketDecoder:
     facts); it reads the same stored JSON (`ledger.market.codec`)."""
 
     def __init__(self) -> None:
-        self._facts: dict[str, tuple[type[Any], _Convert]] = {}
+        self._facts: dict[str, tuple[type[Any], _Convert, int]] = {}
+        """Per topic: the fact's class, its decoder, its class version."""
         self._classes: dict[type[Any], _Convert] = {}
         self._uuids: dict[str, UUID] = {}
         self._times: dict[str, datetime] = {}
@@ -393,19 +403,25 @@ class MarketDecoder:
                 cls = resolve_topic(topic)
             except Exception as e:
                 raise CodecError(f"unknown event topic {topic!r}") from e
-            found = self._facts[topic] = (cls, self._compile(cls))
-        cls, convert = found
+            found = self._facts[topic] = (cls, self._compile(cls), getattr(cls, "class_version", 1))
+        cls, convert, class_version = found
         values = orjson.loads(state)
         fact_state = values["fact"]
         from_version = values.get("class_version", 1)
-        while from_version < getattr(cls, "class_version", 1):
+        while from_version < class_version:
             getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(fact_state)
             from_version += 1
         if not isinstance(originator_id, UUID):
-            originator_id = self.uuid(str(originator_id))
-        return MarketEvent(
-            originator_id, version, self.time(values["recorded_at"]), convert(fact_state)
+            text = str(originator_id)
+            originator_id = self._uuids.get(text) or self.uuid(text)
+        recorded_at = values["recorded_at"]
+        event: MarketEvent = _new_market_event(
+            originator_id,
+            version,
+            self._times.get(recorded_at) or self.time(recorded_at),
+            convert(fact_state),
         )
+        return event
 
     def uuid(self, text: Any) -> UUID:
         found = self._uuids.get(text)
@@ -431,10 +447,18 @@ class MarketDecoder:
         return found
 
     def _compile(self, cls: type[Any]) -> _Convert:
-        """The decoder of dataclass `cls` (the codec's `decode`, unrolled)."""
+        """The decoder of dataclass `cls`: `_generate`'s, falling back on `_unrolled`'s."""
         found = self._classes.get(cls)
         if found is not None:
             return found
+        self._classes[cls] = lambda state: self._classes[cls](state)  # recursive types
+        checked = self._unrolled(cls)
+        self._classes[cls] = self._generate(cls, checked)
+        return self._classes[cls]
+
+    def _unrolled(self, cls: type[Any]) -> _Convert:
+        """The decoder of dataclass `cls` (the codec's `decode`, unrolled): checks every
+        field and raises `CodecError` naming what does not fit."""
         hints = typing.get_type_hints(cls)
         fields = dataclasses.fields(cls)
         defaulted = frozenset(
@@ -443,7 +467,6 @@ class MarketDecoder:
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         )
         converters: list[tuple[str, _Convert]] = []
-        self._classes[cls] = lambda state: decode_fields(state)  # recursive types
         for f in fields:
             converters.append((f.name, self._converter(hints[f.name])))
 
@@ -469,8 +492,116 @@ class MarketDecoder:
                 raise CodecError(f"{cls.__name__}: unknown fields {extra}")
             return cls(**values)
 
-        self._classes[cls] = decode_fields
         return decode_fields
+
+    def _generate(self, cls: type[Any], checked: _Convert) -> _Convert:
+        """A decoder of dataclass `cls` generated as Python source: one function, every
+        field read and converted inline (no call per field, the caches read in place). It
+        takes the plain path only: a state of exactly the declared shape, every value of
+        the exact JSON type its field expects. Anything else (a missing or unknown field, a
+        wrong type, a bad value, a refusal by the class) is handed to `checked`, which
+        decodes it the same way or raises the error that names what does not fit. So the
+        result is `checked`'s, always (tested on every fact of a market run)."""
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        names: dict[str, Any] = {
+            "cls": cls,
+            "checked": checked,
+            "uuids_get": self._uuids.get,
+            "uuid": self.uuid,
+            "times_get": self._times.get,
+            "time": self.time,
+            "integer": _integer,
+            "Unfit": _UnfitError,
+            "unfit": _unfit,
+        }
+        counter = iter(range(1_000_000))
+
+        def expression(hint: Any, var: str) -> str:
+            origin = typing.get_origin(hint)
+            if origin in (types.UnionType, typing.Union):
+                arms = typing.get_args(hint)
+                real = [a for a in arms if a is not type(None)]
+                inner = expression(real[0], var)
+                if type(None) not in arms:
+                    return inner
+                return f"(None if {var} is None else {inner})"
+            if origin is tuple or origin is frozenset:
+                item = f"_v{next(counter)}"
+                make = "tuple" if origin is tuple else "frozenset"
+                each = expression(typing.get_args(hint)[0], item)
+                return f"({make}([{each} for {item} in {var}]) if type({var}) is list else unfit())"
+            if hint is str or hint is bool:
+                return f"({var} if type({var}) is {hint.__name__} else unfit())"
+            if isinstance(hint, type) and issubclass(hint, IntEnum):
+                enum = f"enum{next(counter)}"
+                names[enum] = hint
+                return f"({enum}[{var}] if type({var}) is str else unfit())"
+            if hint is int:
+                return f"({var} if type({var}) is int else integer({var}))"
+            if hint is UUID:
+                return f"(uuids_get({var}) or uuid({var}))"
+            if hint is datetime:
+                return f"(times_get({var}) or time({var}))"
+            assert isinstance(hint, type) and dataclasses.is_dataclass(hint), hint
+            nested = f"nested{next(counter)}"
+            names[nested] = self._compile(hint)
+            return f"{nested}({var})"
+
+        required = [f for f in fields if f.name not in _defaulted_fields(cls)]
+        optional = [f for f in fields if f.name in _defaulted_fields(cls)]
+        lines = ["def decode(state):", "    try:"]
+        lines.append("        if type(state) is not dict: raise Unfit")
+        for i, f in enumerate(required):
+            lines.append(f"        a{i} = state[{f.name!r}]")
+        setters = _slot_setters(cls)
+        if setters is not None:
+            # Built as the generated __init__ builds it (each slot set), without its call.
+            names["new"] = object.__new__
+            lines.append("        o = new(cls)")
+            for i, f in enumerate(required):
+                names[f"set_{f.name}"] = setters[f.name]
+                lines.append(f"        set_{f.name}(o, {expression(hints[f.name], f'a{i}')})")
+            lines.append(f"        n = {len(required)}")
+            for f in optional:
+                names[f"set_{f.name}"] = setters[f.name]
+                if f.default is not dataclasses.MISSING:
+                    names[f"default_{f.name}"] = f.default
+                    default = f"default_{f.name}"
+                else:
+                    names[f"default_{f.name}"] = f.default_factory
+                    default = f"default_{f.name}()"
+                lines.append(f"        if {f.name!r} in state:")
+                lines.append(f"            b = state[{f.name!r}]")
+                lines.append(f"            set_{f.name}(o, {expression(hints[f.name], 'b')})")
+                lines.append("            n += 1")
+                lines.append("        else:")
+                lines.append(f"            set_{f.name}(o, {default})")
+            lines.append("        if len(state) != n: raise Unfit")
+            lines.append("        return o")
+        elif optional:
+            lines.append("        extra = {}")
+            for f in optional:
+                lines.append(f"        if {f.name!r} in state:")
+                lines.append(f"            b = state[{f.name!r}]")
+                lines.append(f"            extra[{f.name!r}] = {expression(hints[f.name], 'b')}")
+            lines.append(f"        if len(state) != {len(required)} + len(extra): raise Unfit")
+        else:
+            lines.append(f"        if len(state) != {len(required)}: raise Unfit")
+        arguments = (
+            []
+            if setters is not None
+            else [f"{f.name}={expression(hints[f.name], f'a{i}')}" for i, f in enumerate(required)]
+        )
+        if setters is None:
+            if optional:
+                arguments.append("**extra")
+            lines.append(f"        return cls({', '.join(arguments)})")
+        lines.append("    except Exception:")
+        lines.append("        return checked(state)")
+        exec("\n".join(lines), names)  # noqa: S102 - source built above from type hints
+        decode: _Convert = names["decode"]
+        return decode
 
     def _converter(self, hint: Any) -> _Convert:
         origin = typing.get_origin(hint)
@@ -509,6 +640,59 @@ class MarketDecoder:
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             return self._compile(hint)
         raise TypeError(f"cannot decode {hint}")
+
+
+def _slot_setters(cls: type[Any]) -> dict[str, Callable[[Any, Any], None]] | None:
+    """The slot of each field of dataclass `cls`, as setters, when an instance is exactly
+    its fields set in order: slots for every field, every field set by `__init__`, no
+    `__post_init__` (nothing checked or derived). None otherwise (it is called)."""
+    if hasattr(cls, "__post_init__"):
+        return None
+    setters: dict[str, Callable[[Any, Any], None]] = {}
+    for f in dataclasses.fields(cls):
+        slot = cls.__dict__.get(f.name)
+        if not f.init or not isinstance(slot, types.MemberDescriptorType):
+            return None
+        setters[f.name] = slot.__set__
+    return setters
+
+
+def _slot_constructor(cls: type[Any]) -> Callable[..., Any]:
+    """`cls` itself, or a function of its fields in order that builds the same instance
+    from its slots (see `_slot_setters`)."""
+    setters = _slot_setters(cls)
+    if setters is None:
+        return cls
+    names = list(setters)
+    source = (
+        f"def make({', '.join(names)}):\n    o = new(cls)\n"
+        + "".join(f"    set_{n}(o, {n})\n" for n in names)
+        + "    return o\n"
+    )
+    scope: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    scope.update({f"set_{n}": setter for n, setter in setters.items()})
+    exec(source, scope)  # noqa: S102 - source built above from the dataclass's fields
+    make: Callable[..., Any] = scope["make"]
+    return make
+
+
+_new_market_event = _slot_constructor(MarketEvent)
+
+
+class _UnfitError(Exception):
+    """A state off a generated decoder's plain path (the checked decoder takes it)."""
+
+
+def _unfit() -> Any:
+    raise _UnfitError
+
+
+def _defaulted_fields(cls: type[Any]) -> frozenset[str]:
+    return frozenset(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    )
 
 
 def _array(value: Any) -> list[Any]:

@@ -60,15 +60,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -78,37 +80,33 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from domain.lease import Lease
 from domain.usage import (
     DEFAULT_USAGE_RULES,
     LastUsage,
+    LeaseTerms,
     UsageRules,
     check_report,
+    epoch_us,
 )
 from domain.verdicts import FailureKind, Verdict
 from ledger.market.service import MarketError, Marketplace, RecordHeartbeat, SubmitVerdict
-from ledger.usage import (
-    OffsetAdvance,
-    ReportStates,
-    UsageApplication,
-    UsageConflictError,
-    UsageRow,
-)
+from ledger.usage import OffsetAdvance, UsageApplication, UsageConflictError
 from workers import messages
 from workers.broker import DEAD_LETTER, HEARTBEATS, USAGE, VERDICTS, Topic, embedded_broker
 from workers.messages import (
-    BATCHED_USAGE_FIELDS,
     DEAD_LETTER_TYPE,
     HEARTBEAT_TYPE,
     MESSAGE_BYTES_MAX,
-    USAGE_BATCH_TYPE,
-    USAGE_TYPE,
     VERDICT_TYPE,
+    DecodedUsage,
     Envelope,
     HeartbeatReport,
     MessageRejectedError,
     RejectReason,
+    UsageRejection,
     VerdictReport,
+    decode_usage,
+    decode_worker_init,
 )
 from workers.signing import canonical_bytes, public_key, verify_bytes
 
@@ -131,6 +129,11 @@ CONFLICTS_IN_A_ROW_MAX = 32
 VERIFY_THREADS = 1
 """Threads verifying signatures (the verifier releases the GIL: one thread runs beside the
 event loop; on 2 cores the other is Postgres's)."""
+DECODE_PROCESSES = 1
+"""Processes decoding and validating usage messages (`workers.messages.decode_usage`),
+beside the event loop's: a batch is decoded there while the one before it is decided here
+(0: decode in the event loop's thread)."""
+DECODE_PROCESSES_MAX = 8
 VERIFY_CHUNK_MAX = 512
 """Most signatures one verifier task checks."""
 VERIFY_CHUNK_REPORTS_MAX = 512
@@ -225,8 +228,16 @@ class IngestStats:
     decide_s: float = 0.0
     """Time deciding batches (parse, validate, verify, rules), the waits included."""
     parse_s: float = 0.0
-    """Of decide: CPU time decoding and validating messages (thread time: on a busy
-    machine, wall time counts other processes too)."""
+    """Of decide: CPU time of the event loop's thread decoding and validating messages
+    (heartbeats, verdicts; usage too without decode processes) and taking over the decode
+    processes' results (thread time: on a busy machine, wall time counts other processes
+    too)."""
+    decode_cpu_s: float = 0.0
+    """CPU time of the decode processes decoding, validating and making rows of the usage
+    messages (0 without decode processes)."""
+    decode_wait_s: float = 0.0
+    """Of decide: time waiting for the decode processes (they decode a batch while the one
+    before it is decided)."""
     rules_s: float = 0.0
     """Of decide: CPU time of the usage rules and the facts."""
     commit_s: float = 0.0
@@ -242,13 +253,17 @@ class _Pending:
     """A message that passed decoding, waiting for its signature and rules."""
 
     record: ConsumerRecord[bytes, bytes]
-    envelope: Envelope
+    envelope_id: UUID
     node_id: UUID | None
     """The signing node (None: a verdict, which is not signed)."""
     report: HeartbeatReport | VerdictReport | None = None
     """A heartbeat or a verdict (None: usage)."""
-    usage: Sequence[Mapping[str, Any]] = ()
-    """The usage reports, validated (`messages.UsageReportData` or `BatchedUsage`)."""
+    usage: Sequence[tuple[int, int, int, int, int, int, int]] = ()
+    """The usage reports' rule fields (`messages.DecodedUsage.reports`)."""
+    rows: bytes = b""
+    """The usage reports' events (`messages.DecodedUsage.rows`)."""
+    ends: Sequence[int] = ()
+    """Where each report's event ends in `rows`."""
     batched: bool = False
     """Whether `usage` came in a batch."""
     signed: bytes = b""
@@ -264,17 +279,34 @@ class _Batch:
     """What one batch decided: facts to store, dead letters to send, offsets to advance."""
 
     generation: int
-    rows: list[UsageRow] = field(default_factory=list)
-    """The accepted usage events: (lease id, sequence, state)."""
+    rows: list[bytes | memoryview] = field(default_factory=list)
+    """The accepted usage events, as binary COPY rows (`ledger.usage.copy_row`), a
+    message's at a time (or one by one where some of its reports were refused)."""
+    events: int = 0
+    """How many usage events `rows` holds."""
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     offsets: list[OffsetAdvance] = field(default_factory=list)
     consumed: int = 0
     commands: int = 0
     refreshed: bool = False
     """Whether this batch already re-read the marketplace log."""
-    leases: dict[int, Lease] = field(default_factory=dict)
+    leases: dict[int, LeaseTerms] = field(default_factory=dict)
     """The marketplace's leases looked up in this batch (by the id's integer), forgotten
     whenever the marketplace state may have changed (a command, a refresh)."""
+
+
+@dataclass
+class _Fetched:
+    """A fetched batch, its usage messages being decoded (in the decode processes), not
+    decided yet."""
+
+    generation: int
+    records: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+    offsets: list[OffsetAdvance]
+    consumed: int
+    decoding: list[asyncio.Future[tuple[list[DecodedUsage | UsageRejection], float]]]
+    """The decode processes' answers for the usage topic's records, in record order (empty
+    without decode processes: decided in the event loop's thread)."""
 
 
 @dataclass
@@ -318,6 +350,7 @@ class Ingest:
         verify_threads: int = VERIFY_THREADS,
         verifier: Verifier = verify_bytes,
         batch_events_max: int = BATCH_EVENTS_MAX,
+        decode_processes: int = DECODE_PROCESSES,
         connect_attempts_max: int = CONNECT_ATTEMPTS_MAX,
         session_timeout_ms: int = SESSION_TIMEOUT_MS,
         client_id: str = "aether-ingest",
@@ -342,6 +375,14 @@ class Ingest:
         self.client_id = client_id
         self.stats = IngestStats()
         self.verifier = verifier
+        if not 0 <= decode_processes <= DECODE_PROCESSES_MAX:
+            raise ValueError(
+                f"decode_processes must be within 0..{DECODE_PROCESSES_MAX}: {decode_processes}"
+            )
+        self.decode_processes = decode_processes
+        self._decode_pool: Executor | None = None
+        self._fetched: _Fetched | None = None
+        """The batch fetched and being decoded, decided at the next step."""
         self._verify_pool = ThreadPoolExecutor(verify_threads, thread_name_prefix="verify")
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -357,6 +398,8 @@ class Ingest:
         """Bumped whenever the assignment changes or positions are reset: a batch decided
         in an older generation is dropped, not committed."""
         self._conflicts_in_a_row = 0
+        self._resetting = 0
+        """Resets (reads of the stored offsets and seeks) under way."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -368,7 +411,14 @@ class Ingest:
         await self.stop()
 
     async def start(self) -> None:
-        """Connect to the broker (waiting for it, see CONNECT_ATTEMPTS_MAX) and join the group."""
+        """Start the decode processes, connect to the broker (waiting for it, see
+        CONNECT_ATTEMPTS_MAX) and join the group."""
+        if self.decode_processes and self._decode_pool is None:
+            self._decode_pool = _decode_pool(self.decode_processes)
+            # Started (and their imports done) now, not on the first batch.
+            await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, decode_usage, self.topics.usage.name, ()
+            )
         delay_s = CONNECT_BACKOFF_S
         for attempt in range(1, self.connect_attempts_max + 1):
             producer = AIOKafkaProducer(
@@ -455,12 +505,17 @@ class Ingest:
             if self._producer is not None:
                 await self._producer.stop()
             self._consumer = self._producer = None
+            self._fetched = None
             self._verify_pool.shutdown(wait=False)
+            if self._decode_pool is not None:
+                self._decode_pool.shutdown(wait=True, cancel_futures=True)
+                self._decode_pool = None
 
     async def run(self, stop: asyncio.Event) -> IngestStats:
         """Ingest until `stop` is set."""
         while not stop.is_set():
             await self.step()
+        await self._decide_fetched()
         await self._finish_inflight()
         return self.stats
 
@@ -477,6 +532,7 @@ class Ingest:
 
     async def caught_up(self) -> bool:
         """Whether nothing is in flight and each assigned partition is read to its end."""
+        await self._decide_fetched()
         await self._finish_inflight()
         consumer = self._require_consumer()
         assigned = consumer.assignment()
@@ -494,68 +550,165 @@ class Ingest:
     # -- one batch -------------------------------------------------------------------------
 
     async def step(self, timeout_ms: int = FETCH_TIMEOUT_MS) -> int:
-        """Fetch, decide and hand one batch to the committer; returns the messages read."""
+        """Fetch a batch and hand it to the decode processes, then decide the batch fetched
+        before (decoded meanwhile) and hand it to the committer; returns the messages read
+        (with nothing to read: those of the batch decided, 0 when there was none)."""
         consumer = self._require_consumer()
         max_records = max(
             1,
             min(self.batch_records_max, int(self.batch_events_max / self._reports_per_message)),
         )
+        generation = self._generation
         fetching = time.perf_counter()
         records = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         started = time.perf_counter()
+        if self._resetting or generation != self._generation:
+            # Read before (or while) the positions were reset: read again after the seek.
+            return sum(len(r) for r in records.values())
         if not records:
-            return 0
+            return await self._decide_fetched()
         if self.stats.first_consumed_at is None:
             self.stats.first_consumed_at = started
         else:
             self.stats.fetch_s += started - fetching
-        batch = await self._decide(records)
+        fetched = self._fetch(records)
+        previous, self._fetched = self._fetched, fetched
+        if previous is not None:
+            await self._process(previous)
+        if self._decode_pool is None:
+            await self._decide_fetched()
+        return fetched.consumed
+
+    def _fetch(self, records: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> _Fetched:
+        """Note the batch's offsets and start decoding its usage messages."""
+        offsets = []
+        consumed = 0
+        usage_topic = self.topics.usage.name
+        usage: list[tuple[bytes | None, int]] = []
+        for tp, tp_records in records.items():
+            expected = self._stored.get(tp)
+            if expected is not None and tp_records and tp_records[0].offset < expected:
+                # Read again by the consumer (never decided twice in one generation).
+                tp_records = [r for r in tp_records if r.offset >= expected]
+                records[tp] = tp_records
+            if not tp_records:
+                continue
+            consumed += len(tp_records)
+            next_offset = tp_records[-1].offset + 1
+            offsets.append(OffsetAdvance(tp.topic, tp.partition, expected, next_offset))
+            self._stored[tp] = next_offset
+            if tp.topic == usage_topic:
+                usage.extend((r.value, r.timestamp) for r in tp_records)
+        decoding = []
+        pool = self._decode_pool
+        if pool is not None and usage:
+            loop = asyncio.get_running_loop()
+            share = -(-len(usage) // self.decode_processes)
+            decoding = [
+                loop.run_in_executor(pool, decode_usage, usage_topic, usage[i : i + share])
+                for i in range(0, len(usage), share)
+            ]
+        return _Fetched(self._generation, records, offsets, consumed, decoding)
+
+    async def _decide_fetched(self) -> int:
+        """Decide and hand to the committer the batch fetched last, if any; its messages."""
+        fetched, self._fetched = self._fetched, None
+        if fetched is None:
+            return 0
+        await self._process(fetched)
+        return fetched.consumed
+
+    async def _process(self, fetched: _Fetched) -> None:
+        started = time.perf_counter()
+        if fetched.generation != self._generation:
+            for future in fetched.decoding:
+                future.cancel()
+            log.info("dropping a batch fetched before the assignment changed")
+            return
+        batch = await self._decide(fetched)
         self.stats.decide_s += time.perf_counter() - started
         if batch.generation != self._generation:
             log.info("dropping a batch decided before the assignment changed")
-            return batch.consumed
+            return
         sending = time.perf_counter()
         await self._send_dead_letters(batch)
         self.stats.dead_letter_s += time.perf_counter() - sending
         await self._finish_inflight()
         if batch.generation != self._generation:
             log.info("dropping a batch decided before the offsets were reset")
-            return batch.consumed
+            return
         self._inflight = asyncio.create_task(self._commit(batch))
-        return batch.consumed
 
-    async def _decide(
-        self, records: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
-    ) -> _Batch:
-        """Parse the batch, verifying signatures a chunk at a time in the thread pool while
-        the next chunk is parsed; then apply the rules chunk by chunk, in record order."""
-        batch = _Batch(self._generation)
+    async def _decoded_usage(self, fetched: _Fetched) -> list[DecodedUsage | UsageRejection]:
+        """The decode processes' answers for the batch's usage messages (or, without decode
+        processes, the decoding done here)."""
+        if not fetched.decoding:
+            parsing = time.thread_time()
+            usage_topic = self.topics.usage.name
+            decoded, _ = decode_usage(
+                usage_topic,
+                [
+                    (r.value, r.timestamp)
+                    for tp, tp_records in fetched.records.items()
+                    if tp.topic == usage_topic
+                    for r in tp_records
+                ],
+            )
+            self.stats.parse_s += time.thread_time() - parsing
+            return decoded
+        waiting = time.perf_counter()
+        answers = await asyncio.gather(*fetched.decoding)
+        self.stats.decode_wait_s += time.perf_counter() - waiting
+        decoded = []
+        for part, cpu_s in answers:
+            decoded.extend(part)
+            self.stats.decode_cpu_s += cpu_s
+        return decoded
+
+    async def _decide(self, fetched: _Fetched) -> _Batch:
+        """Take over the decoded messages (parsing the heartbeats and verdicts), verifying
+        signatures a chunk at a time in the thread pool while the next chunk is taken over;
+        then apply the rules chunk by chunk, in record order."""
+        batch = _Batch(fetched.generation, offsets=fetched.offsets, consumed=fetched.consumed)
+        decoded = iter(await self._decoded_usage(fetched))
         now = self.clock()
         chunks: list[_Chunk] = []
         current: list[_Pending] = []
         current_reports = 0
         usage_messages = usage_reports = 0
+        usage_topic = self.topics.usage.name
         parsing = time.thread_time()
-        for tp, tp_records in records.items():
-            if not tp_records:
-                continue
-            batch.consumed += len(tp_records)
-            next_offset = tp_records[-1].offset + 1
-            batch.offsets.append(
-                OffsetAdvance(tp.topic, tp.partition, self._stored.get(tp), next_offset)
-            )
-            self._stored[tp] = next_offset
+        for tp, tp_records in fetched.records.items():
+            usage = tp.topic == usage_topic
             for record in tp_records:
-                try:
-                    pending = self._parse(record)
-                except MessageRejectedError as e:
-                    self._dead_letter(batch, record, e.reason, e.detail, now)
-                    continue
-                current.append(pending)
-                if pending.usage:
+                pending: _Pending
+                if usage:
+                    answer = next(decoded)
+                    if not isinstance(answer, DecodedUsage):
+                        reason, detail = answer
+                        self._dead_letter(batch, record, RejectReason(reason), detail, now)
+                        continue
+                    pending = _Pending(
+                        record,
+                        UUID(int=answer.envelope),
+                        UUID(int=answer.node),
+                        usage=answer.reports,
+                        rows=answer.rows,
+                        ends=answer.ends,
+                        batched=answer.batched,
+                        signed=answer.signed,
+                        signature=answer.signature,
+                    )
                     usage_messages += 1
-                    usage_reports += len(pending.usage)
-                    current_reports += len(pending.usage)
+                    usage_reports += len(answer.reports)
+                    current_reports += len(answer.reports)
+                else:
+                    try:
+                        pending = self._parse(record)
+                    except MessageRejectedError as e:
+                        self._dead_letter(batch, record, e.reason, e.detail, now)
+                        continue
+                current.append(pending)
                 if len(current) >= VERIFY_CHUNK_MAX or current_reports >= VERIFY_CHUNK_REPORTS_MAX:
                     self.stats.parse_s += time.thread_time() - parsing
                     chunks.append(self._start_verify(batch, current))
@@ -570,7 +723,7 @@ class Ingest:
             self.stats.usage_messages += usage_messages
             self.stats.usage_reports += usage_reports
         await self._load_last_usage(
-            r["lease_id"] for chunk in chunks for p in chunk.pending for r in p.usage
+            {r[0] for chunk in chunks for p in chunk.pending for r in p.usage}
         )
         for chunk in chunks:
             await self._finish_verify(batch, chunk, now)
@@ -588,38 +741,11 @@ class Ingest:
         return batch
 
     def _parse(self, record: ConsumerRecord[Any, Any]) -> _Pending:
+        """A heartbeat or a verdict, decoded and validated (usage is decoded by
+        `messages.decode_usage`)."""
         envelope = messages.decode_envelope(record.value)
         topic = record.topic
         type_ = envelope.type
-        if topic == self.topics.usage.name:
-            if type_ == USAGE_BATCH_TYPE:
-                batch = messages.usage_batch(envelope)
-                node_id = batch["node_id"]
-                signature = batch.get("signature")
-                usage: Sequence[Mapping[str, Any]] = batch["reports"]
-                batched = True
-            elif type_ == USAGE_TYPE:
-                report = messages.usage_report_data(envelope)
-                node_id = report["node_id"]
-                signature = report.get("signature")
-                # As a batch's report is (the fields and order `ReportStates` writes).
-                usage = ({name: report[name] for name in BATCHED_USAGE_FIELDS},)  # type: ignore[literal-required]
-                batched = False
-            else:
-                raise self._unknown_type(envelope, topic, f"{USAGE_TYPE} or {USAGE_BATCH_TYPE}")
-            if signature is None:
-                raise MessageRejectedError(
-                    RejectReason.unsigned, f"message {envelope.id} from node {node_id}"
-                )
-            return _Pending(
-                record,
-                envelope,
-                node_id,
-                usage=usage,
-                batched=batched,
-                signed=canonical_bytes(envelope.data),
-                signature=bytes.fromhex(signature),
-            )
         if topic == self.topics.heartbeats.name:
             if type_ != HEARTBEAT_TYPE:
                 raise self._unknown_type(envelope, topic, HEARTBEAT_TYPE)
@@ -630,7 +756,7 @@ class Ingest:
                 )
             return _Pending(
                 record,
-                envelope,
+                envelope.id,
                 beat.node_id,
                 report=beat,
                 signed=canonical_bytes(envelope.data),
@@ -639,7 +765,7 @@ class Ingest:
         if type_ != VERDICT_TYPE:
             raise self._unknown_type(envelope, topic, VERDICT_TYPE)
         verdict = messages.payload(VerdictReport, envelope)
-        return _Pending(record, envelope, None, report=verdict, verified=True)
+        return _Pending(record, envelope.id, None, report=verdict, verified=True)
 
     @staticmethod
     def _unknown_type(envelope: Envelope, topic: str, carried: str) -> MessageRejectedError:
@@ -679,9 +805,9 @@ class Ingest:
             if p.verified:
                 continue
             detail = (
-                f"message {p.envelope.id}: no key is registered for node {p.node_id}"
+                f"message {p.envelope_id}: no key is registered for node {p.node_id}"
                 if p.key is None
-                else f"message {p.envelope.id}: not signed by node {p.node_id}'s key"
+                else f"message {p.envelope_id}: not signed by node {p.node_id}'s key"
             )
             self._dead_letter(batch, p.record, RejectReason.signature_invalid, detail, now)
 
@@ -716,81 +842,105 @@ class Ingest:
         # The service has no public read-only catch-up: the one `handle` starts with.
         self.market.refresh()
 
-    async def _load_last_usage(self, lease_ids: Iterable[UUID]) -> None:
+    async def _load_last_usage(self, lease_keys: Iterable[int]) -> None:
+        """Read the last recorded report of each lease (by its id's integer) not in memory."""
         known = self._last
-        missing = {lease_id.int: lease_id for lease_id in lease_ids if lease_id.int not in known}
+        missing = [key for key in lease_keys if key not in known]
         if not missing:
             return
         if len(known) + len(missing) > LEASES_CACHED_MAX:
             known.clear()
-        found = await asyncio.to_thread(self.usage.last_usages, missing.values())
-        for key, lease_id in missing.items():
-            known[key] = found.get(lease_id)
+        found = await asyncio.to_thread(self.usage.last_usages, [UUID(int=k) for k in missing])
+        by_key = {lease_id.int: last for lease_id, last in found.items()}
+        for key in missing:
+            known[key] = by_key.get(key)
 
     def _decide_usage(self, batch: _Batch, p: _Pending, now: datetime) -> None:
         """Each report of a verified usage message, by the rules, in order: the accepted
         become rows to append, each refused one a dead letter of its own."""
-        envelope_id = p.envelope.id
+        envelope_id = p.envelope_id
+        envelope = envelope_id.int
         node_id = p.node_id
         assert node_id is not None
-        states = ReportStates(envelope_id, node_id, _record_time(p.record.timestamp))
-        state = states.state
+        node = node_id.int
         leases = batch.leases
         last_of = self._last
         rules = self.rules
-        latest_end = now + timedelta(seconds=rules.future_tolerance_s)
-        rows = batch.rows
-        for index, r in enumerate(p.usage):
-            lease_id = r["lease_id"]
-            key = lease_id.int
+        latest_end_us = epoch_us(now) + rules.future_tolerance_s * 1_000_000
+        refused: list[int] = []
+        for index, (key, sequence, start_us, end_us, gpus, wall_us, device_us) in enumerate(
+            p.usage
+        ):
             lease = leases.get(key)
             if lease is None:
-                lease = self._lease(batch, lease_id)
-            sequence = r["sequence"]
-            interval_end = r["interval_end"]
+                lease = self._lease(batch, key)
             rejected = check_report(
                 lease,
                 last_of.get(key),
-                envelope_id,
-                lease_id,
-                node_id,
+                envelope,
+                key,
+                node,
                 sequence,
-                r["interval_start"],
-                interval_end,
-                r["gpu_count"],
-                r["wall_time_us"],
-                r["device_time_us"],
-                latest_end,
+                start_us,
+                end_us,
+                gpus,
+                wall_us,
+                device_us,
+                latest_end_us,
                 rules,
             )
             if rejected is not None:
-                self._dead_letter(
-                    batch,
-                    p.record,
-                    rejected.reason,
-                    f"{rejected.detail} (message {envelope_id}"
-                    + (f", report {index})" if p.batched else ")"),
-                    now,
-                    report=(index, p.envelope.data["reports"][index]) if p.batched else None,
-                    envelope_id=envelope_id,
-                )
+                self._reject_report(batch, p, index, rejected.reason, rejected.detail, now)
+                refused.append(index)
                 continue
-            rows.append((lease_id, sequence, state(r)))
-            last_of[key] = LastUsage(sequence, envelope_id, interval_end)
+            last_of[key] = LastUsage(sequence, envelope, end_us)
+        ends = p.ends
+        batch.events += len(ends) - len(refused)
+        if not refused:
+            batch.rows.append(p.rows)
+            return
+        rows = memoryview(p.rows)
+        skip = set(refused)
+        batch.rows.extend(
+            rows[0 if i == 0 else ends[i - 1] : end] for i, end in enumerate(ends) if i not in skip
+        )
 
-    def _lease(self, batch: _Batch, lease_id: UUID) -> Lease | None:
-        """The marketplace's lease (re-reading its log once per batch for one it does not
-        know), remembered for the batch (until a command or a refresh changes the state)."""
+    def _reject_report(
+        self, batch: _Batch, p: _Pending, index: int, reason: RejectReason, detail: str,
+        now: datetime,
+    ) -> None:  # fmt: skip
+        """Dead-letter one report of a usage message (the whole message if not a batch)."""
+        report = None
+        if p.batched:
+            # The report's JSON as sent (read again: refusals are rare).
+            report = (index, orjson.loads(p.record.value)["data"]["reports"][index])
+        self._dead_letter(
+            batch,
+            p.record,
+            reason,
+            f"{detail} (message {p.envelope_id}" + (f", report {index})" if p.batched else ")"),
+            now,
+            report=report,
+            envelope_id=p.envelope_id,
+        )
+
+    def _lease(self, batch: _Batch, key: int) -> LeaseTerms | None:
+        """The marketplace's lease of the id whose integer is `key` (re-reading its log once
+        per batch for one it does not know), remembered for the batch (until a command or a
+        refresh changes the state)."""
+        lease_id = UUID(int=key)
         lease = self.market.state.leases.get(lease_id)
         if lease is None and not batch.refreshed:
             self._refresh_market(batch)
             lease = self.market.state.leases.get(lease_id)
-        if lease is not None:
-            batch.leases[lease_id.int] = lease
-        return lease
+        if lease is None:
+            return None
+        terms = LeaseTerms.of(lease)
+        batch.leases[key] = terms
+        return terms
 
     async def _send_command(self, batch: _Batch, p: _Pending, now: datetime) -> None:
-        command_id = uuid5(COMMAND_NAMESPACE, str(p.envelope.id))
+        command_id = uuid5(COMMAND_NAMESPACE, str(p.envelope_id))
         report = p.report
         command: RecordHeartbeat | SubmitVerdict
         if isinstance(report, HeartbeatReport):
@@ -824,7 +974,7 @@ class Ingest:
                 batch,
                 p.record,
                 RejectReason.refused,
-                f"{e.code}: {e} (message {p.envelope.id})",
+                f"{e.code}: {e} (message {p.envelope_id})",
                 now,
             )
             return
@@ -867,25 +1017,30 @@ class Ingest:
         self.stats.last_committed_at = finished
         self.stats.batches += 1
         self.stats.consumed += batch.consumed
-        self.stats.recorded += len(batch.rows)
+        self.stats.recorded += batch.events
         self.stats.commands += batch.commands
 
     def _record(self, batch: _Batch) -> None:
         """Append the batch's rows and advance its offsets (in the commit thread)."""
         started = time.thread_time()
         try:
-            self.usage.record_rows(batch.rows, self.group_id, batch.offsets)
+            self.usage.record_copy(batch.rows, batch.events, self.group_id, batch.offsets)
         finally:
             self.stats.record_cpu_s += time.thread_time() - started
 
     async def _finish_inflight(self, *, reset_on_conflict: bool = True) -> None:
         """Wait for the commit in flight; a refused one resets to the stored offsets (or,
-        during a rebalance, leaves that to the assignment that follows)."""
-        task, self._inflight = self._inflight, None
+        during a rebalance, leaves that to the assignment that follows). Whoever waits
+        returns only once it has landed (a rebalance and the loop may wait together)."""
+        task = self._inflight
         if task is None:
             return
+        await asyncio.wait([task])
+        if self._inflight is not task:  # the other waiter took it over
+            return
+        self._inflight = None
         try:
-            await task
+            task.result()
         except UsageConflictError as e:
             self._conflicts_in_a_row += 1
             self.stats.conflicts += 1
@@ -917,26 +1072,46 @@ class Ingest:
         log.info("ingest %s assigned %d partitions", self.group_id, len(assigned))
 
     async def _reset(self, partitions: set[TopicPartition]) -> None:
-        """Forget what was decided and not committed; seek to the stored offsets."""
+        """Forget what was fetched or decided and not committed; seek to the stored
+        offsets."""
         self._generation += 1
         self._last.clear()
         consumer = self._require_consumer()
-        stored = await asyncio.to_thread(
-            self.usage.stored_offsets,
-            self.group_id,
-            [(tp.topic, tp.partition) for tp in partitions],
-        )
+        self._resetting += 1
+        try:
+            stored = await asyncio.to_thread(
+                self.usage.stored_offsets,
+                self.group_id,
+                [(tp.topic, tp.partition) for tp in partitions],
+            )
+            await self._seek(consumer, partitions, stored)
+        finally:
+            self._resetting -= 1
+
+    async def _seek(
+        self,
+        consumer: AIOKafkaConsumer,
+        partitions: set[TopicPartition],
+        stored: dict[tuple[str, int], int],
+    ) -> None:
+        """Seek each partition to its stored offset (the beginning when none is stored)
+        and take those as the positions the next batches advance from."""
         beginning = []
-        self._stored = {}
+        positions: dict[TopicPartition, int | None] = {}
         for tp in partitions:
             offset = stored.get((tp.topic, tp.partition))
-            self._stored[tp] = offset
+            positions[tp] = offset
             if offset is None:
                 beginning.append(tp)
             else:
                 consumer.seek(tp, offset)
         if beginning:
             await consumer.seek_to_beginning(*beginning)
+        # A batch fetched (or decided) while this ran is from before the seek: a fetch can
+        # return while the assignment is being handled. Dropped, and forgotten.
+        self._generation += 1
+        self._last.clear()
+        self._stored = positions
 
     def _require_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:
@@ -944,10 +1119,16 @@ class Ingest:
         return self._consumer
 
 
-def _record_time(timestamp_ms: int) -> datetime:
-    """A record's timestamp (milliseconds since the epoch) as an exact UTC datetime."""
-    seconds, ms = divmod(timestamp_ms, 1000)
-    return datetime.fromtimestamp(seconds, UTC) + timedelta(milliseconds=ms)
+def _decode_pool(processes: int) -> ProcessPoolExecutor:
+    """The decode processes: spawned (not forked from this process, whose threads a fork
+    would cut); each exits by itself when this process dies, even by kill -9
+    (`messages.decode_worker_init`)."""
+    return ProcessPoolExecutor(
+        processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=decode_worker_init,
+        initargs=(os.getpid(),),
+    )
 
 
 def _verify_chunk(verifier: Verifier, chunk: Sequence[_Pending]) -> list[bool]:

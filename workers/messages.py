@@ -50,9 +50,13 @@ TypedDicts) for all its reports.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections.abc import Iterable
-from datetime import datetime
-from typing import Annotated, Any, Literal, NotRequired, TypeVar
+from collections.abc import Sequence as Seq
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, NamedTuple, NotRequired, TypeVar
 from uuid import UUID
 
 import orjson
@@ -68,6 +72,9 @@ from pydantic import (
 from typing_extensions import TypedDict
 
 from domain.usage import RejectReason as RejectReason
+from domain.usage import epoch_us
+from ledger.usage import ReportStates
+from workers.signing import canonical_bytes
 
 MESSAGE_BYTES_MAX = 64 * 1024
 """Largest message value ingest reads; a larger one is dead-lettered as oversized."""
@@ -323,3 +330,127 @@ def batch_reports(envelope: Envelope) -> list[UsageReport]:
 def _short(error: Exception) -> str:
     text = str(error).replace("\n", " ")
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- decoding usage messages (ingest's hot path; runs in ingest's decode processes) -------
+
+
+class DecodedUsage(NamedTuple):
+    """A usage message (a batch or a single report) decoded and validated, not yet verified
+    nor decided: what the rules need of each report, as integers, and each report's usage
+    event as a binary COPY row (`ledger.usage.copy_row`), to store if the rules accept it."""
+
+    envelope: int
+    """The envelope id, as its integer (`UUID.int`)."""
+    node: int
+    """The reporting node's id, as its integer."""
+    batched: bool
+    signed: bytes
+    """What the signature covers (`workers.signing.canonical_bytes` of the data)."""
+    signature: bytes
+    """The signature's 64 bytes."""
+    reports: list[tuple[int, int, int, int, int, int, int]]
+    """Per report, in order: (lease id's integer, sequence, interval start, interval end
+    (microseconds since the Unix epoch, `domain.usage.epoch_us`), gpu_count, wall_time_us,
+    device_time_us): `domain.usage.check_report`'s arguments."""
+    rows: bytes
+    """The reports' usage events (envelope id, node id and receive time spliced in), one
+    after the other: `ledger.usage.ReportStates.copy_rows`."""
+    ends: list[int]
+    """Where each report's row ends in `rows`."""
+
+
+UsageRejection = tuple[str, str]
+"""(a `RejectReason` value, detail): a usage message that did not decode."""
+
+
+PARENT_CHECK_S = 1.0
+"""How often a decode process checks that the ingest process that started it lives."""
+
+
+def decode_worker_init(parent_pid: int) -> None:
+    """Start-up of an ingest decode process: a daemon thread ends the process once its
+    parent (`parent_pid`) is gone, so a killed ingest leaves no decode process behind."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _received_at(timestamp_ms: int) -> datetime:
+    """A record's timestamp (milliseconds since the epoch) as an exact UTC datetime."""
+    seconds, ms = divmod(timestamp_ms, 1000)
+    return datetime.fromtimestamp(seconds, UTC) + timedelta(milliseconds=ms)
+
+
+def decode_usage(
+    topic: str, records: Seq[tuple[bytes | None, int]]
+) -> tuple[list[DecodedUsage | UsageRejection], float]:
+    """Each usage-topic record (value, timestamp in ms) decoded (`decode_usage_value`) or
+    rejected, and the CPU seconds it took. Pure: ingest runs it in a process of its own."""
+    started = time.thread_time()
+    out: list[DecodedUsage | UsageRejection] = []
+    for value, timestamp_ms in records:
+        try:
+            out.append(decode_usage_value(topic, value, timestamp_ms))
+        except MessageRejectedError as e:
+            out.append((e.reason.value, e.detail))
+    return out, time.thread_time() - started
+
+
+def decode_usage_value(topic: str, value: bytes | None, timestamp_ms: int) -> DecodedUsage:
+    """A usage message decoded and validated (a batch's reports in one pydantic-core call),
+    its signature's bytes and what it covers, each report's rule fields and event row;
+    MessageRejectedError (oversized, malformed, unknown_type, unsigned) otherwise."""
+    envelope = decode_envelope(value)
+    type_ = envelope.type
+    reports: Seq[Any]
+    if type_ == USAGE_BATCH_TYPE:
+        batch = usage_batch(envelope)
+        node_id = batch["node_id"]
+        signature = batch.get("signature")
+        reports = batch["reports"]
+        batched = True
+    elif type_ == USAGE_TYPE:
+        report = usage_report_data(envelope)
+        node_id = report["node_id"]
+        signature = report.get("signature")
+        # As a batch's report is (the fields and order `ReportStates` writes).
+        reports = ({name: report[name] for name in BATCHED_USAGE_FIELDS},)  # type: ignore[literal-required]
+        batched = False
+    else:
+        raise MessageRejectedError(
+            RejectReason.unknown_type,
+            f"message {envelope.id}: type {envelope.type!r} on topic {topic} "
+            f"(which carries {USAGE_TYPE} or {USAGE_BATCH_TYPE})",
+        )
+    if signature is None:
+        raise MessageRejectedError(
+            RejectReason.unsigned, f"message {envelope.id} from node {node_id}"
+        )
+    rows, ends = ReportStates(envelope.id, node_id, _received_at(timestamp_ms)).copy_rows(reports)
+    fields = [
+        (
+            r["lease_id"].int,
+            r["sequence"],
+            epoch_us(r["interval_start"]),
+            epoch_us(r["interval_end"]),
+            r["gpu_count"],
+            r["wall_time_us"],
+            r["device_time_us"],
+        )
+        for r in reports
+    ]
+    return DecodedUsage(
+        envelope.id.int,
+        node_id.int,
+        batched,
+        canonical_bytes(envelope.data),
+        bytes.fromhex(signature),
+        fields,
+        rows,
+        ends,
+    )

@@ -12,22 +12,40 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
+import orjson
 import psycopg
 import pytest
+from eventsourcing.persistence import Tracking
+from eventsourcing.utils import get_topic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
 from domain import lease as lease_rules
 from domain.lease import CloseReason, HeartbeatRecorded, Lease, LeaseStatus, UsageCharged
+from domain.orderbook import (
+    Ask,
+    AskCancelled,
+    AskPlaced,
+    Bid,
+    BidPlaced,
+    BidRemainderRefunded,
+    OrderStatus,
+)
 from domain.verdicts import FailureKind
+from ledger.events import TransferCreated, event_for
 from ledger.market import service as m
-from ledger.market.codec import CodecError
-from ledger.market.store import MarketplaceApplication
+from ledger.market.codec import CodecError, decode, encode
+from ledger.market.store import MarketEvent, MarketplaceApplication
+from ledger.model import NIL_ID, Account, AccountFlags, Transfer, TransferFlags
 from ledger.money import units
 from ledger.store import LedgerApplication
 from ledger.writer import LedgerWriter
+from projections import replay as replay_module
+from projections.balances import BalancesProjectionError, LedgerDecoder, state_hash
+from projections.balances import construct_view as balances_view
 from projections.leases import FOLDED_FACTS, fold
+from projections.orderbook import OrderBookRecorder
 from projections.replay import (
     REPLAY_PAGE_SIZE_MAX,
     ReplayError,
@@ -35,7 +53,7 @@ from projections.replay import (
     replay,
     stops_as_of,
 )
-from projections.view import MarketDecoder, MarketProjectionError
+from projections.view import MarketDecoder, MarketProjectionError, construct_view
 from tests.market import RULES, Clock, Market, uid
 from tests.schemas import fresh_schema
 from workers import replay as replay_cli
@@ -133,8 +151,12 @@ def replay_cli_run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int,
     return code, out, err
 
 
+VIEW_NAMES = frozenset(Views.__dataclass_fields__)
+"""Every view `aether replay` rebuilds (those `open_views` opens)."""
+
+
 def table_rows(out: str) -> dict[str, list[str]]:
-    names = {"balances", "orderbook", "providers", "leases", "reputation"}
+    names = VIEW_NAMES
     return {
         line.split()[0]: line.split()
         for line in out.splitlines()
@@ -164,6 +186,7 @@ def test_replay_equals_the_live_views_shows_progress_and_drops_its_schema(
     with open_views(ledger_app, market.app) as views:
         live = views.state_hashes()
         positions = views.positions()
+        logs = {view_name: p.app.name for view_name, p in views.all().items()}
     name = "replay_" + uuid.uuid4().hex[:10]
     code, out, err = replay_cli_run(capsys, "--schema", name, "--page-size", "7")
     assert code == 0, out + err
@@ -172,7 +195,9 @@ def test_replay_equals_the_live_views_shows_progress_and_drops_its_schema(
     for view_name, row in rows.items():
         _, position, events, live_hash, replay_hash, equal = row
         assert int(position) == positions[view_name]
-        assert int(events) >= 1
+        # The story writes the marketplace's and the ledger's logs (not usage, settlement).
+        filled = logs[view_name] in (market.app.name, ledger_app.name)
+        assert int(events) >= 1 if filled else int(events) >= 0
         assert live_hash == replay_hash == live[view_name][:16]
         assert equal == "yes"
     assert "every view equals the live one" in out
@@ -197,7 +222,8 @@ def test_replay_into_a_kept_schema_holds_views_equal_to_the_live_ones(
         for v in result.views:
             assert v.state_hash == points[v.name].state_hash, v.name
             assert v.position == points[v.name].position
-            assert sum(v.tables.values()) > 0
+            if v.log in (market.app.name, ledger_app.name):  # the logs the story writes
+                assert sum(v.tables.values()) > 0
         # The rebuilt views are real views: projections over the replay schema agree.
         rebuilt = Views(**{name: p.rebuild_into(replay_schema) for name, p in views.all().items()})
         try:
@@ -226,22 +252,29 @@ def test_as_of_a_position_and_a_time_give_the_state_the_live_views_had_then(
 
     with open_views(ledger_app, market.app) as views:
         projections = views.all()
+        # Positions of two logs name the views of those two; a time cuts every log.
+        named = {n for n, p in projections.items() if p.app.name in ("marketplace", "ledger")}
         by_position = stops_as_of(
             projections, positions={"marketplace": market_position, "ledger": ledger_position}
         )
-        assert by_position == mid.positions
+        assert by_position == {n: p for n, p in mid.positions.items() if n in named}
         by_time = stops_as_of(projections, at=mid.at)
         assert by_time == mid.positions
         for stops in (by_position, by_time):
             with fresh_schema(database_url) as target:
                 result = replay(projections, target, stops=stops)
-            assert {v.name: v.state_hash for v in result.views} == mid.hashes
+            assert {v.name: v.state_hash for v in result.views} == {
+                n: h for n, h in mid.hashes.items() if n in stops
+            }
 
-    for as_of in (f"marketplace:{market_position},ledger:{ledger_position}", mid.at.isoformat()):
+    for as_of, shown in (
+        (f"marketplace:{market_position},ledger:{ledger_position}", named),
+        (mid.at.isoformat(), set(mid.hashes)),
+    ):
         code, out, _ = replay_cli_run(capsys, "--as-of", as_of, "--quiet")
         assert code == 0, out
         rows = table_rows(out)
-        assert set(rows) == set(mid.hashes)
+        assert set(rows) == shown
         for view_name, row in rows.items():
             assert row[2] == str(mid.positions[view_name])
             assert row[4] == mid.hashes[view_name][:16]
@@ -491,3 +524,185 @@ def test_a_fact_that_does_not_apply_is_refused_by_the_fold() -> None:
             fold(lease, [(1, ok), (2, bad)])
         with pytest.raises(MarketProjectionError):
             fold(lease, [(1, ok), (2, bad), (3, ok)])
+
+
+def test_the_fast_ledger_decoder_equals_the_ledger_mapper_on_every_event_of_a_run(
+    market: Market, ledger_app: LedgerApplication
+) -> None:
+    run_story(market, ledger_app)
+    mapper = ledger_app.mapper
+    decoder = LedgerDecoder(mapper)
+    notifications = ledger_app.recorder.select_notifications(start=1, limit=10_000)
+    transfers = [n for n in notifications if n.topic == get_topic(TransferCreated)]
+    assert len(transfers) > 20
+    for n in notifications:
+        expected = mapper.to_domain_event(n)
+        found = decoder.event(n.id, n.originator_id, n.originator_version, n.topic, n.state)
+        assert type(found) is type(expected)
+        assert vars(found) == vars(expected)
+    # Off the plain path (a later class version's state, a field that does not fit): the
+    # mapper's own answer, its error included.
+    sample = transfers[0]
+    state = orjson.loads(sample.state)
+    for changed in (
+        {**state, "class_version": 1},
+        {**state, "amount": "x"},
+        {**state, "debit_account_id": 5},
+    ):
+        raw = orjson.dumps(changed)
+        stored = type(sample)(
+            id=sample.id,
+            originator_id=sample.originator_id,
+            originator_version=1,
+            topic=sample.topic,
+            state=raw,
+        )
+        try:
+            expected = mapper.to_domain_event(stored)
+        except Exception as e:
+            with pytest.raises(type(e)):
+                decoder.event(sample.id, sample.originator_id, 1, sample.topic, raw)
+        else:
+            found = decoder.event(sample.id, sample.originator_id, 1, sample.topic, raw)
+            assert vars(found) == vars(expected)
+
+
+def test_the_order_book_refuses_a_fact_that_does_not_fit_and_writes_nothing(
+    ledger_app: LedgerApplication, database_url: str
+) -> None:
+    at = T0
+    ask = Ask(uid("ask"), uid("p"), uid("node"), "H100", 4, units(2), at + timedelta(days=1))
+    bid = Bid(uid("bid"), uid("c"), "H100", 1, units(3), 3_600, units(3))
+
+    def page(*facts: Any) -> list[tuple[int, MarketEvent]]:
+        return [(0, MarketEvent(uid("stream"), 1, at, f)) for f in facts]
+
+    with fresh_schema(database_url) as target:
+        recorder = construct_view(OrderBookRecorder, ledger_app.env, schema=target)
+        try:
+            recorder.apply_page(page(AskPlaced(ask, 1, at)), Tracking("marketplace", 1), after=0)
+            before = recorder.state_hash()
+            other = Ask(uid("ask 2"), uid("p"), uid("node"), "H100", 1, units(2), ask.expires_at)
+            for bad in (
+                [AskPlaced(other, 3, at)],  # not the book's next sequence
+                [AskPlaced(ask, 2, at)],  # placed twice
+                [AskCancelled(uid("no such ask"), 1, at)],
+                [AskCancelled(ask.id, 3, at)],  # not all it has left
+                [BidRemainderRefunded(ask.id, 0, at)],  # an ask, not a bid
+                [BidPlaced(bid, 2, at), BidRemainderRefunded(bid.id, units(3), at)],  # resting
+            ):
+                # A good fact first: the refusal takes the whole page back.
+                good = AskPlaced(other, 2, at)
+                with pytest.raises(MarketProjectionError):
+                    recorder.apply_page(page(good, *bad), Tracking("marketplace", 2), after=1)
+                assert recorder.state_hash() == before
+                assert recorder.max_tracking_id("marketplace") == 1
+            recorder.apply_page(
+                page(AskCancelled(ask.id, 4, at + timedelta(seconds=1))),
+                Tracking("marketplace", 2),
+                after=1,
+            )
+            order = recorder.order(ask.id)
+            assert order is not None and order.status is OrderStatus.cancelled
+            assert order.gpu_count_remaining == 0
+            assert recorder.depth("H100").asks == ()
+            book = recorder.book("H100")
+            assert book is not None and book.sequence == 1
+            assert book.latest_at == at + timedelta(seconds=1) and book.updated_position == 0
+        finally:
+            recorder.datastore.close()
+
+
+def test_the_compiled_decoder_fills_a_defaulted_field_a_state_lacks_as_the_codec_does() -> None:
+    charged = UsageCharged(uid("lease"), "usage:1", units(1), units(1), T0, units(1) // 2)
+    state = {"recorded_at": T0.isoformat(), "fact": encode(charged)}
+    del state["fact"]["withheld"]  # written before the field was added
+    topic = get_topic(UsageCharged)
+    decoder = MarketDecoder()
+    for fact_state in (state["fact"], {**state["fact"], "withheld": 7}):
+        raw = orjson.dumps({**state, "fact": fact_state})
+        found = decoder.event(uid("lease"), 3, topic, raw)
+        assert found.fact == decode(UsageCharged, dict(fact_state))
+        assert found == MarketEvent(uid("lease"), 3, T0, found.fact)
+    assert decoder.event(uid("lease"), 3, topic, orjson.dumps(state)).fact.withheld == 0
+    with pytest.raises(CodecError):  # an unknown field beside a missing defaulted one
+        decoder.event(
+            uid("lease"), 3, topic, orjson.dumps({**state, "fact": {**state["fact"], "x": 1}})
+        )
+
+
+def test_balances_refuse_a_transfer_of_an_account_never_opened_and_write_nothing(
+    ledger_app: LedgerApplication, database_url: str
+) -> None:
+    opened = Account(uid("a"), "AETH", 1, AccountFlags(0), 0, T0)
+    other = Account(uid("b"), "AETH", 1, AccountFlags(0), 0, T0)
+
+    def transfer(name: str, credit: Account) -> Transfer:
+        return Transfer(
+            uid(name), opened.id, credit.id, 5, "AETH", 1, TransferFlags(0), NIL_ID, 0, (), T0, T0
+        )
+
+    with fresh_schema(database_url) as target:
+        recorder = balances_view(ledger_app.env, schema=target)
+        try:
+            recorder.apply_page(
+                [(1, event_for(opened)), (2, event_for(other))],
+                Tracking("ledger", 2),
+                after=0,
+            )
+            recorder.apply_page(
+                [(3, event_for(transfer("t1", other)))], Tracking("ledger", 3), after=2
+            )
+            before = state_hash(recorder.rows())
+            never = Account(uid("never opened"), "AETH", 1, AccountFlags(0), 0, T0)
+            with pytest.raises(BalancesProjectionError, match="never opened"):
+                recorder.apply_page(
+                    [(4, event_for(transfer("t2", other))), (5, event_for(transfer("t3", never)))],
+                    Tracking("ledger", 5),
+                    after=3,
+                )
+            assert state_hash(recorder.rows()) == before
+            assert recorder.max_tracking_id("ledger") == 3
+            rows = {r.account_id: r.balances() for r in recorder.rows()}
+            assert rows == {opened.id: (0, 5, 0, 0), other.id: (0, 0, 0, 5)}
+        finally:
+            recorder.datastore.close()
+
+
+def test_a_replay_with_a_worker_process_equals_one_without(
+    market: Market, ledger_app: LedgerApplication, database_url: str
+) -> None:
+    run_story(market, ledger_app)
+    with open_views(ledger_app, market.app) as views:
+        points = live_points(views.all())
+        stops = {n: p.position for n, p in points.items()}
+        found = []
+        for parallel in (True, False):
+            with fresh_schema(database_url) as target:
+                result = replay(views.all(), target, stops=stops, page_size=5, parallel=parallel)
+            found.append({v.name: (v.position, v.applied, v.state_hash) for v in result.views})
+            assert any(k.startswith("worker: ") for k in result.timings) is parallel
+    assert found[0] == found[1]
+    assert {n: h for n, (_, _, h) in found[0].items()} == {
+        n: p.state_hash for n, p in points.items()
+    }
+
+
+def test_a_failure_in_the_worker_process_fails_the_replay_with_its_error(
+    market: Market,
+    ledger_app: LedgerApplication,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run_story(market, ledger_app)
+
+    def fails(logs: Sequence[Any], page_size: int) -> dict[str, Any]:
+        raise MarketProjectionError(f"refused in the worker: {[log.name for log in logs]}")
+
+    monkeypatch.setattr(replay_module, "_replay_in_worker", fails)
+    with (
+        open_views(ledger_app, market.app) as views,
+        fresh_schema(database_url) as target,
+        pytest.raises(MarketProjectionError, match="refused in the worker: \\['ledger'"),
+    ):
+        replay(views.all(), target)
