@@ -12,8 +12,13 @@ times, so a replay of the topics judges the same) it observes:
 - throughput: samples (or tokens) per second of the window from the usage reports (single
   ones and each report of a node's usage batch), in thousandths (`throughput_milli_per_s`).
 
+- work: with a spot checker (`workers.spotcheck`), a deterministic sample of the usage
+  reports is re-run (one step of the named workload under the FLOP counter): a report whose
+  FLOPs its steps do not explain is a mismatch.
+
 When the newest report time seen passes `window_end + close_delay_s`, the window is judged:
-it fails for downtime when uptime is below `uptime_ppm_min`, and otherwise passes. The
+it fails for fraud when a spot check found a mismatch, for downtime when uptime is below
+`uptime_ppm_min`, and otherwise passes. The
 verdict's evidence hash is sha256 of the canonical JSON of the observations, and its id is
 derived from (checker, node, window), so a restarted checker that judges a window again
 sends the same verdict id (the marketplace takes a retry with equal fields as a no-op).
@@ -27,6 +32,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 from uuid import UUID, uuid5
 
 import orjson
@@ -49,6 +55,7 @@ from workers.messages import (
     envelope,
     payload,
 )
+from workers.spotcheck import SpotChecker, SpotResult
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,10 @@ class Observations:
     delays_ms: list[int] = field(default_factory=list)
     samples: int = 0
     tokens: int = 0
+    spot_checked: int = 0
+    """Reports of the window re-run by the spot checker (`workers.spotcheck`)."""
+    spot_mismatches: list[str] = field(default_factory=list)
+    """"<lease>:<sequence>" of each re-run report whose FLOPs its steps do not explain."""
 
     def evidence(self) -> bytes:
         return orjson.dumps(
@@ -93,6 +104,8 @@ class Observations:
                 "delays_ms": sorted(self.delays_ms),
                 "samples": self.samples,
                 "tokens": self.tokens,
+                "spot_checked": self.spot_checked,
+                "spot_mismatches": sorted(self.spot_mismatches),
             },
             option=orjson.OPT_SORT_KEYS,
         )
@@ -119,7 +132,11 @@ def judge(
     uptime_ppm = min(UPTIME_PPM_MAX, seen.heartbeats * UPTIME_PPM_MAX // expected)
     work = seen.samples or seen.tokens
     throughput_milli_per_s = work * 1_000 // window_s
-    passed = uptime_ppm >= rules.uptime_ppm_min
+    fraud = bool(seen.spot_mismatches)
+    passed = uptime_ppm >= rules.uptime_ppm_min and not fraud
+    kind: Literal["none", "downtime", "fraud"] = (
+        "none" if passed else ("fraud" if fraud else "downtime")
+    )
     window_end = window_end_of(seen.window_start, verdict_rules)
     return VerdictReport(
         verdict_id=uuid5(
@@ -134,7 +151,7 @@ def judge(
         throughput_milli_per_s=throughput_milli_per_s,
         uptime_ppm=uptime_ppm,
         passed=passed,
-        failure_kind="none" if passed else "downtime",
+        failure_kind=kind,
         evidence_hash=hashlib.sha256(seen.evidence()).hexdigest(),
     )
 
@@ -154,8 +171,10 @@ class Checker:
         heartbeat_topic: str = HEARTBEATS.name,
         usage_topic: str = USAGE.name,
         verdict_topic: str = VERDICTS.name,
+        spot_checker: SpotChecker | None = None,
     ) -> None:
         self.topics = (heartbeat_topic, usage_topic)
+        self.spot_checker = spot_checker
         self.verdict_topic = verdict_topic
         self.checker_id = checker_id
         self.node_providers = dict(node_providers)
@@ -187,6 +206,22 @@ class Checker:
         else:
             seen.samples += report.samples
             seen.tokens += report.tokens
+            spot = self.spot_checker
+            if spot is not None and spot.sampled(report):
+                found = spot.check(report)
+                if found.result is not SpotResult.unverifiable:
+                    seen.spot_checked += 1
+                if found.result is SpotResult.mismatch:
+                    seen.spot_mismatches.append(f"{report.lease_id}:{report.sequence}")
+                    log.warning(
+                        "node %s: lease %s report %d claims %d FLOPs, its %d steps did %s",
+                        node_id,
+                        report.lease_id,
+                        report.sequence,
+                        report.flops,
+                        report.steps,
+                        found.expected_flops,
+                    )
         if self.watermark is None or at > self.watermark:
             self.watermark = at
 

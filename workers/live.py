@@ -32,6 +32,7 @@ from workers.gpu_worker import GpuWorker, NodeReporter, sign_report
 from workers.ingest import Ingest, IngestTopics
 from workers.messages import USAGE_TYPE, UsageReport, encode, envelope
 from workers.signing import NodeKey
+from workers.spotcheck import SpotChecker
 from workers.workloads import WorkloadKind, make_workload
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class LiveResult:
     dead_letters: dict[str, int]
     checker_heartbeats: int
     checker_delay_p99_ms: int
+    spot_checked: int = 0
+    """Usage reports the checker re-ran (one step of their workload under the FLOP counter)."""
+    spot_mismatches: int = 0
 
 
 class _RealClock:
@@ -109,6 +113,7 @@ async def run_live(
         heartbeat_topic=topics.heartbeats.name,
         usage_topic=topics.usage.name,
         verdict_topic=topics.verdicts.name,
+        spot_checker=SpotChecker(sample_ppm=1_000_000),
     )
     producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", enable_idempotence=False)
     await producer.start()
@@ -178,6 +183,8 @@ async def run_live(
         dead_letters=dict(ingest.stats.reasons),
         checker_heartbeats=sum(o.heartbeats for o in seen),
         checker_delay_p99_ms=p99_ms([d for o in seen for d in o.delays_ms]),
+        spot_checked=sum(o.spot_checked for o in seen),
+        spot_mismatches=sum(len(o.spot_mismatches) for o in seen),
     )
 
 
@@ -245,4 +252,13 @@ def describe(result: LiveResult, say: Any) -> None:
         f"the checker saw {result.checker_heartbeats} heartbeats of the node this window, "
         f"p99 arrival delay {result.checker_delay_p99_ms} ms; its verdict comes when the "
         "window closes"
+    )
+    say(
+        f"spot checks: the checker re-ran {result.spot_checked} of the node's usage reports "
+        "(one step of their workload under the FLOP counter): "
+        + (
+            f"{result.spot_mismatches} claim FLOPs their steps do not explain"
+            if result.spot_mismatches
+            else "every one's FLOPs match its steps"
+        )
     )

@@ -24,6 +24,7 @@ from workers.broker import (
 )
 from workers.checker import Checker, CheckerRules
 from workers.relay import Relay, Source
+from workers.spotcheck import SAMPLE_PPM_DEFAULT, SpotChecker
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ def run_checker(settings: Settings, argv: Sequence[str]) -> int:
     parser.add_argument("--checker-id", type=UUID, required=True)
     parser.add_argument("--heartbeat-interval-s", type=int, default=60)
     parser.add_argument("--uptime-ppm-min", type=int, default=900_000)
+    parser.add_argument(
+        "--spot-check-ppm",
+        type=int,
+        default=SAMPLE_PPM_DEFAULT,
+        help="share of usage reports re-run to check their FLOPs, in parts per million (0: none)",
+    )
     args = parser.parse_args(argv)
     with open_market(settings) as market, kafka_from(settings.kafka_bootstrap_servers) as kafka:
         if args.checker_id not in market.service.state.verdicts.checkers:
@@ -70,6 +77,7 @@ def run_checker(settings: Settings, argv: Sequence[str]) -> int:
             args.checker_id,
             nodes,
             kafka,
+            spot_checker=SpotChecker(args.spot_check_ppm) if args.spot_check_ppm else None,
             rules=CheckerRules(
                 heartbeat_interval_s=args.heartbeat_interval_s,
                 uptime_ppm_min=args.uptime_ppm_min,
