@@ -398,6 +398,8 @@ class Ingest:
         """Bumped whenever the assignment changes or positions are reset: a batch decided
         in an older generation is dropped, not committed."""
         self._conflicts_in_a_row = 0
+        self._positions: dict[TopicPartition, int] = {}
+        """Per assigned partition: the offset the last reset sought it to."""
         self._resetting = 0
         """Resets (reads of the stored offsets and seeks) under way."""
 
@@ -558,13 +560,12 @@ class Ingest:
             1,
             min(self.batch_records_max, int(self.batch_events_max / self._reports_per_message)),
         )
-        generation = self._generation
         fetching = time.perf_counter()
         records = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         started = time.perf_counter()
-        if self._resetting or generation != self._generation:
-            # Read before (or while) the positions were reset: read again after the seek.
-            return sum(len(r) for r in records.values())
+        if self._resetting:
+            # Fetched while the positions were being reset: maybe from before the seek.
+            records = await self._after_reset(records)
         if not records:
             return await self._decide_fetched()
         if self.stats.first_consumed_at is None:
@@ -609,6 +610,26 @@ class Ingest:
                 for i in range(0, len(usage), share)
             ]
         return _Fetched(self._generation, records, offsets, consumed, decoding)
+
+    async def _after_reset(
+        self, records: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+    ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        """Once the reset under way is done, the records that continue from the positions
+        it set; a partition whose records do not is sought there again (read anew)."""
+        while self._resetting:
+            await asyncio.sleep(0.01)
+        consumer = self._require_consumer()
+        kept = {}
+        for tp, tp_records in records.items():
+            target = self._positions.get(tp)
+            if target is None:
+                continue  # no longer assigned
+            tail = [r for r in tp_records if r.offset >= target]
+            if tail and tail[0].offset == target:
+                kept[tp] = tail
+            elif tail:
+                consumer.seek(tp, target)
+        return kept
 
     async def _decide_fetched(self) -> int:
         """Decide and hand to the committer the batch fetched last, if any; its messages."""
@@ -1107,11 +1128,13 @@ class Ingest:
                 consumer.seek(tp, offset)
         if beginning:
             await consumer.seek_to_beginning(*beginning)
+        sought = {tp: await consumer.position(tp) for tp in partitions}
         # A batch fetched (or decided) while this ran is from before the seek: a fetch can
         # return while the assignment is being handled. Dropped, and forgotten.
         self._generation += 1
         self._last.clear()
         self._stored = positions
+        self._positions = sought
 
     def _require_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:
