@@ -17,11 +17,22 @@ the shape of the work:
   the rest (commands handled, facts no view reads), whose positions are tracked all the
   same (a view's write tracks the position it was read up to; a page holding nothing a
   view reads costs that view no transaction: its next write tracks those positions);
-- each event is decoded once, and handed to every view that reads its type;
-- the next page is read (by a thread, from the database) while the current one is applied;
+- a page is a range of positions read in binary without ORDER BY (sorted here), so no
+  plan ever sorts the log on disk; the next page is read (by a thread) while the current
+  one is applied;
+- each event is decoded once, by decoders generated per fact class
+  (`view.MarketDecoder`, `balances.LedgerDecoder`: equal to the codecs by test), and
+  handed to every view that reads its type;
 - a view applies a big page in one transaction: the views that fold state (leases,
-  providers, balances) load the rows a page touches once and write back each changed row
-  once, so thousands of heartbeats of one lease cost one row write.
+  providers, balances, the order book) load the rows a page touches once and write back
+  each changed row once, so thousands of heartbeats of one lease cost one row write; the
+  rebuilt views commit without waiting for the disk (a rebuild that does not finish is
+  redone), and share one connection pool;
+- the views' tables are created (and the logs counted) by a few threads at once;
+- Python's cyclic collector is off during a replay (the young generation is collected
+  after each page): it would otherwise walk the replay's long-lived objects again and again;
+- the logs but the biggest are replayed by a forked worker process meanwhile
+  (`parallel`), each log by one process, each view written by one process.
 
 Positions are per log: a notification id of `marketplace_events` or `ledger_events`.
 """
@@ -282,6 +293,8 @@ class _Log:
     app: Any
     targets: list[_Target] = field(default_factory=list)
     decoder: view.MarketDecoder = field(default_factory=view.MarketDecoder)
+    ledger_decoder: balances.LedgerDecoder | None = None
+    """The ledger log's decoder (its caches kept from page to page)."""
 
     @property
     def name(self) -> str:
@@ -307,7 +320,9 @@ class _Log:
             event = self.decoder.event
             return lambda row: event(row[1], row[2], row[3], row[4])
         if isinstance(self.app, LedgerApplication):
-            ledger = balances.LedgerDecoder(self.app.mapper).event
+            if self.ledger_decoder is None:
+                self.ledger_decoder = balances.LedgerDecoder(self.app.mapper)
+            ledger = self.ledger_decoder.event
 
             def ledger_event_fast(row: _Row) -> Any:
                 found = ledger(row[0], row[1], row[2], row[3], row[4])
@@ -395,6 +410,62 @@ def _rows_per_table(recorder: Any) -> dict[str, int]:
             row = curs.fetchone()
             counts[name] = int(row["n"]) if row is not None else 0
     return counts
+
+
+def _count_topics(app: Any, stop: int) -> dict[str, int]:
+    """Events of a log up to `stop`, per topic."""
+    datastore = app.recorder.datastore
+    with datastore.transaction(commit=False) as curs:
+        curs.execute(
+            SQL(
+                "SELECT topic, count(*) AS n FROM {}.{} WHERE notification_id <= %s GROUP BY topic"
+            ).format(Identifier(datastore.schema), Identifier(_table_name(app))),
+            (stop,),
+        )
+        return {row["topic"]: int(row["n"]) for row in curs.fetchall()}
+
+
+def _split(
+    targets: Sequence[_Target], topic_rows: Mapping[str, Mapping[str, int]]
+) -> tuple[list[_Target], list[_Target]]:
+    """The views of the log with the most rows to read (of the topics its views read), and
+    the views of the other logs. Split by log, each log is read and decoded once (by one
+    process): splitting a log's views between processes was measured slower on a busy
+    2-core machine (the log scanned and its shared topics decoded twice)."""
+
+    def rows_read(log: str) -> int:
+        topics: set[str] = set()
+        for t in targets:
+            if t.projection.app.name == log:
+                if t.topics is None:
+                    return sum(topic_rows.get(log, {}).values())
+                topics |= t.topics
+        return sum(topic_rows.get(log, {}).get(topic, 0) for topic in topics)
+
+    names = list(dict.fromkeys(t.projection.app.name for t in targets))
+    if not names:
+        return [], []
+    biggest = max(names, key=rows_read)
+    here = [t for t in targets if t.projection.app.name == biggest]
+    return here, [t for t in targets if t.projection.app.name != biggest]
+
+
+def _run_now(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+    """`fn(*args, **kwargs)` called here, its outcome as a done `Future`."""
+    future: Future[Any] = Future()
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
+def _logs_of(targets: Sequence[_Target]) -> dict[str, _Log]:
+    """The logs `targets` read, each with its views among them (in their order)."""
+    logs: dict[str, _Log] = {}
+    for t in targets:
+        logs.setdefault(t.projection.app.name, _Log(t.projection.app)).targets.append(t)
+    return logs
 
 
 def _count_events(app: Any, stop: int) -> int:
@@ -539,14 +610,13 @@ def replay(
     (an existing, empty schema), up to `stops[name]` (inclusive; default: its log's last
     event; views not in a given `stops` are left out). The rebuilt views stay in `schema`.
 
-    `parallel`: the logs but the biggest are replayed by a worker process meanwhile (where
-    the platform can fork); False: all here, one log after the other."""
+    `parallel`: the views of the logs but the biggest are replayed by a worker process
+    meanwhile (where the platform can fork); False: all here, one log after the other."""
     if not 0 < page_size <= REPLAY_PAGE_SIZE_MAX:
         raise ReplayError(f"page size must be within 1..{REPLAY_PAGE_SIZE_MAX}, got {page_size}")
     started = time.perf_counter()
     heads = log_heads(projections)
     timings: dict[str, float] = defaultdict(float)
-    logs: dict[str, _Log] = {}
     rebuilt: list[_Target] = []
     pools: dict[tuple[tuple[str, str], ...], Any] = {}
     try:
@@ -569,31 +639,23 @@ def replay(
         # and a commit, waiting on the database); the first view opens the shared pool.
         with ThreadPoolExecutor(SETUP_THREADS_MAX, thread_name_prefix="replay-setup") as setup:
             counting = {
-                (log, stop): setup.submit(_count_events, app, stop)
-                for log, (app, stop) in furthest.items()
+                log: setup.submit(_count_topics, app, stop) for log, (app, stop) in furthest.items()
             }
-            building: list[Future[AnyProjection]] = []
-            for i, (_, p, _) in enumerate(chosen):
-                if i == 0:  # opens the shared pool: the others wait for it
-                    building.append(Future())
-                    try:
-                        building[0].set_result(_rebuilt(p, schema, pools=pools))
-                    except Exception as e:
-                        building[0].set_exception(e)
-                        break
-                else:
-                    building.append(setup.submit(_rebuilt, p, schema, pools=pools))
+            building = [
+                # The first, here, opens the shared pool the others then take connections of.
+                (_run_now if i == 0 else setup.submit)(_rebuilt, p, schema, pools=pools)
+                for i, (_, p, _) in enumerate(chosen)
+            ]
             failure: BaseException | None = None
-            for (name, p, stop), future in zip(chosen, building, strict=False):
+            for (name, p, stop), future in zip(chosen, building, strict=True):
                 if future.exception() is not None:
                     failure = failure or future.exception()
                     continue
-                target = _Target(name, p, future.result(), _topics_of(p), stop)
-                rebuilt.append(target)
-                logs.setdefault(p.app.name, _Log(p.app)).targets.append(target)
+                rebuilt.append(_Target(name, p, future.result(), _topics_of(p), stop))
             if failure is not None:
                 raise failure
-            counts = {key: future.result() for key, future in counting.items()}
+            topic_rows = {log: future.result() for log, future in counting.items()}
+        counts = {(log, furthest[log][1]): sum(rows.values()) for log, rows in topic_rows.items()}
 
         def counted(app: Any, stop: int) -> int:
             """Events of a log up to `stop` (counted once per log and stop)."""
@@ -602,33 +664,37 @@ def replay(
                 counts[key] = _count_events(app, stop)
             return counts[key]
 
-        events = {log.name: counted(log.app, log.stop) for log in logs.values()}
+        events = {log: counted(app, stop) for log, (app, stop) in furthest.items()}
         timings["setup"] += time.perf_counter() - started
         bar = Progress(progress, sum(events.values()), started)
-        # The log with the most events is replayed here; with `parallel`, the others are
-        # replayed meanwhile by one worker process (forked: it starts at once, with the
-        # views as they are here), each view still by one writer.
-        ordered = sorted(logs.values(), key=lambda log: events[log.name], reverse=True)
-        worker = None
-        if parallel and len(ordered) > 1 and hasattr(os, "fork"):
-            worker = _Worker.start(ordered[1:], page_size)
-            ordered = ordered[:1]
+        # With `parallel`, the views of the log with the most rows to read are replayed
+        # here, those of the other logs meanwhile by a worker process (forked: it starts at
+        # once, with the views as they are here). Each view is written by one process only.
+        here, there = list(rebuilt), list[_Target]()
+        if parallel and hasattr(os, "fork"):
+            here, there = _split(rebuilt, topic_rows)
+        here_logs = _logs_of(here)
+        worker = _Worker.start(list(_logs_of(there).values()), page_size) if there else None
         try:
             done_before = 0
-            for log in ordered:
-                offset = log.stop - events[log.name]  # positions not taken (gaps in the ids)
+            for log in here_logs.values():
+                # Events of the log up to its stop, and the positions not taken (id gaps).
+                log_events = counted(log.app, log.stop)
+                offset = log.stop - log_events
 
                 def shown(
-                    end: int, log: _Log = log, offset: int = offset, before: int = done_before
+                    end: int,
+                    total: int = log_events,
+                    offset: int = offset,
+                    before: int = done_before,
                 ) -> None:
-                    bar.update(before + max(0, min(events[log.name], end - offset)))
+                    bar.update(before + max(0, min(total, end - offset)))
 
                 _replay_log(log, page_size, timings, shown)
-                done_before += events[log.name]
+                done_before += log_events
                 bar.update(done_before)
             if worker is not None:
                 worker.join(timings)
-                bar.update(sum(events.values()))
         finally:
             if worker is not None:
                 worker.stop()

@@ -703,6 +703,6 @@ def test_a_failure_in_the_worker_process_fails_the_replay_with_its_error(
     with (
         open_views(ledger_app, market.app) as views,
         fresh_schema(database_url) as target,
-        pytest.raises(MarketProjectionError, match="refused in the worker: \\['ledger'"),
+        pytest.raises(MarketProjectionError, match="refused in the worker: "),
     ):
         replay(views.all(), target)
