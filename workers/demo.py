@@ -50,11 +50,12 @@ from ledger.usage import OffsetAdvance, UsageApplication
 from workers.bootstrap import Market, open_market
 from workers.broker import kafka_from
 from workers.chain import ChainSide, PollResult, connect, embedded_chain, mine_blocks
-from workers.live import describe, node_key, run_live
+from workers.live import LiveLease, describe, node_key, run_live
 from workers.projector import Views, open_views
 from workers.reconcile import Report, reconcile
 from workers.report import lines_of_view, print_accounts
 from workers.settle import Settler, SettleReport, epoch_of, epoch_start_of
+from workers.workloads import WorkloadKind
 
 DEMO_START = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 """Market time of the demo's first command (a verdict window starts here). The simulated
@@ -477,13 +478,15 @@ def _name_live_part(demo: _Demo) -> None:
     demo.names[_id("provider:cirrus")] = "cirrus"
     lease_id = lease_id_for(_id("ask:cirrus"), _id("bid:bob-cheap"))
     demo.names[lease_id] = "lease bob/cirrus"
+    second = lease_id_for(_id("ask:cirrus-2"), _id("bid:bob-cheap"))
+    demo.names[second] = "lease bob/cirrus-2"
     _cirrus_bonds(demo)
 
 
 def _cirrus_bonds(demo: _Demo) -> None:
     """cirrus bonds on chain (also on a rerun: the chain is new, the watcher's command a
     retry)."""
-    _bond_on_chain(demo, "cirrus", 2 * demo.service.rules.stake.stake_per_gpu["H100"])
+    _bond_on_chain(demo, "cirrus", 3 * demo.service.rules.stake.stake_per_gpu["H100"])
     demo.poll()
 
 
@@ -492,32 +495,40 @@ def _live(demo: _Demo, market: Market, settings: Settings) -> None:
     demo.clock.live = True
     names = demo.names
     demo.heading(
-        "\nlive: a GPU worker, ingest and a checker through the Kafka-protocol broker, "
-        "at the real time"
+        "\nlive: two GPU workers (training and inference), ingest and a checker through "
+        "the Kafka-protocol broker, at the real time"
     )
     node = Node(_id("node:cirrus-1"), "H100", 2, 81_920, "eu-north", _key("cirrus-1"))
+    node2 = Node(_id("node:cirrus-2"), "H100", 1, 81_920, "eu-north", _key("cirrus-2"))
     pid = _id("provider:cirrus")
     names[pid] = "cirrus"
-    demo.send("register:cirrus", m.RegisterProvider, pid, demo.account("cirrus"), (node,))
+    demo.send("register:cirrus", m.RegisterProvider, pid, demo.account("cirrus"), (node, node2))
     _cirrus_bonds(demo)
-    ask = _ask("ask:cirrus", "cirrus", node, 2, units(22, 17), demo.clock())
-    handled = demo.send("ask:cirrus", m.PlaceAsk, ask)
-    (lease_id,) = handled.lease_ids
-    lease = demo._lease(lease_id)
-    names[lease_id] = f"lease {names[lease.consumer_id]}/cirrus"
-    demo.say(
-        f"cirrus lists 2 x H100 in eu-north and asks {_aeth(ask.price_per_gpu_hour)}/GPU-hour: "
-        f"it fills {names[lease.consumer_id]}'s resting bid, a lease opens now"
-    )
+    live: list[LiveLease] = []
+    for ask_name, on, gpus, workload in (
+        ("ask:cirrus", node, 2, WorkloadKind.train),
+        ("ask:cirrus-2", node2, 1, WorkloadKind.infer),
+    ):
+        ask = _ask(ask_name, "cirrus", on, gpus, units(22, 17), demo.clock())
+        handled = demo.send(ask_name, m.PlaceAsk, ask)
+        (lease_id,) = handled.lease_ids
+        lease = demo._lease(lease_id)
+        label = "cirrus" if on is node else "cirrus-2"
+        names[lease_id] = f"lease {names[lease.consumer_id]}/{label}"
+        demo.say(
+            f"cirrus lists {gpus} x H100 on node {label} in eu-north and asks "
+            f"{_aeth(ask.price_per_gpu_hour)}/GPU-hour: it fills {names[lease.consumer_id]}'s "
+            "resting bid, a lease opens now"
+        )
+        key_name = "cirrus-1" if on is node else "cirrus-2"
+        live.append(LiveLease(lease_id, on, node_key(key_name), workload))
     with kafka_from(settings.kafka_bootstrap_servers) as kafka:
         result = asyncio.run(
             run_live(
                 demo.service,
                 demo.usage,
                 kafka,
-                lease_id=lease_id,
-                node=node,
-                key=node_key("cirrus-1"),
+                leases=live,
                 checker_id=_id("checker:kestrel"),
                 say=demo.say,
             )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,7 +34,7 @@ from workers.ingest import Ingest, IngestTopics
 from workers.messages import USAGE_TYPE, UsageReport, encode, envelope
 from workers.signing import NodeKey
 from workers.spotcheck import SpotChecker
-from workers.workloads import WorkloadKind, make_workload
+from workers.workloads import Workload, WorkloadKind, make_workload
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,21 @@ def node_key(name: str) -> NodeKey:
     return NodeKey.from_seed(hashlib.sha256(f"aether-demo-node:{name}".encode()).digest())
 
 
+@dataclass(frozen=True, slots=True)
+class LiveLease:
+    """One lease of the live part and what its GPU worker runs."""
+
+    lease_id: UUID
+    node: Node
+    key: NodeKey
+    workload: WorkloadKind
+
+
 @dataclass
-class LiveResult:
+class WorkerResult:
     lease: Lease
+    workload: str
+    device: str
     steps: int
     reports: int
     heartbeats_sent: int
@@ -64,6 +77,11 @@ class LiveResult:
     samples: int
     flops: int
     device_time_us: int
+
+
+@dataclass
+class LiveResult:
+    workers: list[WorkerResult]
     dead_letters: dict[str, int]
     checker_heartbeats: int
     checker_delay_p99_ms: int
@@ -82,15 +100,17 @@ async def run_live(
     usage: UsageApplication,
     kafka: str,
     *,
-    lease_id: UUID,
-    node: Node,
-    key: NodeKey,
+    leases: Sequence[LiveLease],
     checker_id: UUID,
     say: Any,
 ) -> LiveResult:
-    """Run the worker, ingest and a checker concurrently, then inject bad messages."""
-    lease = service.lease(lease_id)
-    assert lease is not None
+    """Run one GPU worker per lease (each node signs its own usage batches), ingest and a
+    checker concurrently, then inject bad messages."""
+    opened = []
+    for live in leases:
+        lease = service.lease(live.lease_id)
+        assert lease is not None
+        opened.append(lease)
     # Topics of this run's own ("aether.usage.<run>", ...): a shared broker may hold other
     # markets' messages (with the demo's deterministic ids), which are not this market's.
     run = uuid4().hex[:8]
@@ -104,9 +124,12 @@ async def run_live(
         topics=topics,
         session_timeout_ms=INGEST_SESSION_TIMEOUT_MS,
     )
+    nodes = {
+        live.node.node_id: lease.provider_id for live, lease in zip(leases, opened, strict=True)
+    }
     checker = Checker(
         checker_id,
-        {node.node_id: lease.provider_id},
+        nodes,
         kafka,
         rules=CheckerRules(heartbeat_interval_s=int(HEARTBEAT_INTERVAL_S)),
         verdict_rules=service.rules.verdicts,
@@ -124,41 +147,54 @@ async def run_live(
     checker_task = asyncio.create_task(
         checker.run(start_at=started - timedelta(seconds=5), stop=stop)
     )
+    workloads: list[Workload] = []
     try:
-        workload = make_workload(WorkloadKind.train, seed=7)
-        worker = GpuWorker(
-            lease_id,
-            node.node_id,
-            key,
-            workload,
-            producer,
-            gpu_count=lease.gpu_count,
-            report_interval_s=REPORT_INTERVAL_S,
-            heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
-            usage_topic=topics.usage.name,
-            heartbeat_topic=topics.heartbeats.name,
-            reporter=NodeReporter(node.node_id, key, producer, topic=topics.usage.name),
+        workers = []
+        for i, (live, lease) in enumerate(zip(leases, opened, strict=True)):
+            workload = make_workload(live.workload, seed=7 + i)
+            workloads.append(workload)
+            workers.append(
+                GpuWorker(
+                    lease.id,
+                    live.node.node_id,
+                    live.key,
+                    workload,
+                    producer,
+                    gpu_count=lease.gpu_count,
+                    report_interval_s=REPORT_INTERVAL_S,
+                    heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+                    usage_topic=topics.usage.name,
+                    heartbeat_topic=topics.heartbeats.name,
+                    reporter=NodeReporter(
+                        live.node.node_id, live.key, producer, topic=topics.usage.name
+                    ),
+                )
+            )
+            say(
+                f"GPU worker on {live.node.gpu_model} node {str(live.node.node_id)[:8]}: "
+                f"torch {workload.name} on {workload.device} for {LIVE_SECONDS:.0f} s, the "
+                f"node's signed usage batch every {REPORT_INTERVAL_S:.0f} s, a heartbeat "
+                f"every {HEARTBEAT_INTERVAL_S:.0f} s"
+            )
+        summaries = await asyncio.gather(
+            *(worker.run(seconds_max=LIVE_SECONDS) for worker in workers)
         )
-        say(
-            f"GPU worker on {node.gpu_model} node {str(node.node_id)[:8]}: torch training "
-            f"on {workload.device} for {LIVE_SECONDS:.0f} s, the node's signed usage batch "
-            f"every {REPORT_INTERVAL_S:.0f} s, a heartbeat every {HEARTBEAT_INTERVAL_S:.0f} s"
-        )
-        summary = await worker.run(seconds_max=LIVE_SECONDS)
-        say(
-            f"worker done: {summary.steps:,} training steps, {summary.usage_reports} usage "
-            f"reports, {summary.heartbeats} heartbeats sent"
-        )
-        await _inject(producer, topics.usage.name, lease, node, key, say)
+        for live, summary in zip(leases, summaries, strict=True):
+            what = "training" if live.workload is WorkloadKind.train else "inference"
+            say(
+                f"worker done: {summary.steps:,} {what} steps, {summary.usage_reports} usage "
+                f"reports, {summary.heartbeats} heartbeats sent"
+            )
+        first = leases[0]
+        await _inject(producer, topics.usage.name, opened[0], first.node, first.key, say)
         for _ in range(CATCH_UP_POLLS_MAX):
-            recorded = len(usage.usage_of_lease(lease_id))
-            beating = service.lease(lease_id)
-            beats = 0 if beating is None else beating.heartbeat_sequence
-            if (
-                recorded >= summary.usage_reports
-                and beats >= summary.heartbeats
-                and ingest.stats.dead_lettered >= len(INJECTED)
-            ):
+            done = ingest.stats.dead_lettered >= len(INJECTED)
+            for live, summary in zip(leases, summaries, strict=True):
+                recorded = len(usage.usage_of_lease(live.lease_id))
+                beating = service.lease(live.lease_id)
+                beats = 0 if beating is None else beating.heartbeat_sequence
+                done = done and recorded >= summary.usage_reports and beats >= summary.heartbeats
+            if done:
                 break
             await asyncio.sleep(CATCH_UP_POLL_S)
     finally:
@@ -167,19 +203,28 @@ async def run_live(
         await ingest.stop()
         await producer.stop()
     service.refresh()
-    events = usage.usage_of_lease(lease_id)
-    seen = [o for (n, _), o in checker.open.items() if n == node.node_id]
-    current = service.lease(lease_id)
-    assert current is not None
+    results = []
+    for live, summary, workload in zip(leases, summaries, workloads, strict=True):
+        events = usage.usage_of_lease(live.lease_id)
+        current = service.lease(live.lease_id)
+        assert current is not None
+        results.append(
+            WorkerResult(
+                lease=current,
+                workload=workload.name,
+                device=str(workload.device),
+                steps=summary.steps,
+                reports=summary.usage_reports,
+                heartbeats_sent=summary.heartbeats,
+                usage_recorded=len(events),
+                samples=sum(e.samples for e in events),
+                flops=sum(e.flops for e in events),
+                device_time_us=sum(e.device_time_us for e in events),
+            )
+        )
+    seen = [o for (n, _), o in checker.open.items() if n in nodes]
     return LiveResult(
-        lease=current,
-        steps=summary.steps,
-        reports=summary.usage_reports,
-        heartbeats_sent=summary.heartbeats,
-        usage_recorded=len(events),
-        samples=sum(e.samples for e in events),
-        flops=sum(e.flops for e in events),
-        device_time_us=sum(e.device_time_us for e in events),
+        workers=results,
         dead_letters=dict(ingest.stats.reasons),
         checker_heartbeats=sum(o.heartbeats for o in seen),
         checker_delay_p99_ms=p99_ms([d for o in seen for d in o.delays_ms]),
@@ -237,24 +282,25 @@ def _message(report: UsageReport, lease: Lease, node: Node) -> bytes:
 
 
 def describe(result: LiveResult, say: Any) -> None:
-    say(
-        f"ingest recorded {result.usage_recorded} of {result.reports} usage reports "
-        f"(exactly once, with their Kafka offsets): {result.samples:,} samples, "
-        f"{result.flops:,} FLOPs, {result.device_time_us / 1e6:.2f} device-seconds"
-    )
-    say(
-        f"heartbeats recorded on the lease: {result.lease.heartbeat_sequence} "
-        f"(of {result.heartbeats_sent} sent)"
-    )
+    for w in result.workers:
+        say(
+            f"ingest recorded {w.usage_recorded} of {w.reports} usage reports of the "
+            f"{w.workload} lease (exactly once, with their Kafka offsets): {w.samples:,} "
+            f"samples, {w.flops:,} FLOPs, {w.device_time_us / 1e6:.2f} device-seconds"
+        )
+        say(
+            f"heartbeats recorded on that lease: {w.lease.heartbeat_sequence} "
+            f"(of {w.heartbeats_sent} sent)"
+        )
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.dead_letters.items())) or "none"
     say(f"dead-lettered with their reasons: {reasons}")
     say(
-        f"the checker saw {result.checker_heartbeats} heartbeats of the node this window, "
-        f"p99 arrival delay {result.checker_delay_p99_ms} ms; its verdict comes when the "
+        f"the checker saw {result.checker_heartbeats} heartbeats of the nodes this window, "
+        f"p99 arrival delay {result.checker_delay_p99_ms} ms; its verdicts come when the "
         "window closes"
     )
     say(
-        f"spot checks: the checker re-ran {result.spot_checked} of the node's usage reports "
+        f"spot checks: the checker re-ran {result.spot_checked} of the nodes' usage reports "
         "(one step of their workload under the FLOP counter): "
         + (
             f"{result.spot_mismatches} claim FLOPs their steps do not explain"

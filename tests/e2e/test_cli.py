@@ -33,7 +33,7 @@ def cli_env(database_url: str, schema: str) -> dict[str, str]:
 
 
 TRIAL_BALANCE = (
-    "trial balance AETH: debits 1,109.812500000000000011 = credits 1,109.812500000000000011"
+    "trial balance AETH: debits 1,212.612500000000000011 = credits 1,212.612500000000000011"
     "  (pending 0 = 0)  BALANCED"
 )
 
@@ -118,7 +118,7 @@ def test_the_demo_settles_two_epochs_posts_the_roots_and_a_provider_claims_on_ch
     )
 
 
-def test_the_demos_live_part_runs_a_gpu_worker_ingest_and_a_checker_through_the_broker(
+def test_the_demos_live_part_runs_gpu_workers_ingest_and_a_checker_through_the_broker(
     cli_env, tmp_path
 ) -> None:
     run = aether("demo", env=cli_env, cwd=tmp_path)
@@ -131,14 +131,33 @@ def test_the_demos_live_part_runs_a_gpu_worker_ingest_and_a_checker_through_the_
     assert done is not None, out
     steps, reports, beats = (int(g.replace(",", "")) for g in done.groups())
     assert steps > 0 and reports >= 2 and beats >= 2
-    # Every report the worker sent is recorded, once; every heartbeat reached the lease.
-    assert f"ingest recorded {reports} of {reports} usage reports" in out
-    assert f"heartbeats recorded on the lease: {beats} (of {beats} sent)" in out
+    inference = re.search(
+        r"worker done: ([\d,]+) inference steps, (\d+) usage reports, (\d+) heartbeats", out
+    )
+    assert inference is not None, out
+    infer_reports, infer_beats = int(inference.group(2)), int(inference.group(3))
+    # Every report each worker sent is recorded, once; every heartbeat reached its lease.
+    assert (
+        f"ingest recorded {reports} of {reports} usage reports of the train/encoder-32x1 lease"
+        in out
+    )
+    assert (
+        f"ingest recorded {infer_reports} of {infer_reports} usage reports of the "
+        "infer/encoder-32x1 lease" in out
+    )
+    assert f"heartbeats recorded on that lease: {beats} (of {beats} sent)" in out
+    assert f"heartbeats recorded on that lease: {infer_beats} (of {infer_beats} sent)" in out
     assert (
         "dead-lettered with their reasons: malformed 1, replayed 1, signature_invalid 1, "
         "unsigned 1" in out
     )
-    assert re.search(r"the checker saw \d+ heartbeats of the node", out)
+    assert re.search(r"the checker saw \d+ heartbeats of the nodes", out)
+    assert re.search(
+        r"spot checks: the checker re-ran [1-9]\d* of the nodes' usage reports .*: every "
+        r"one's FLOPs match its steps",
+        out,
+    )
+    assert "lease bob/cirrus-2       open        1        2.2" in out
     assert "lease bob/cirrus         open        2        4.4" in out
 
 
