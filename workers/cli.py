@@ -204,9 +204,9 @@ def _run_project(settings: Settings, args: argparse.Namespace) -> int:
         applied = views.catch_up()
         positions = views.positions()
         hashes = views.state_hashes()
-        print(f"{'view':<12} {'applied':>8} {'position':>9}  state hash")
+        print(f"{'view':<20} {'applied':>8} {'position':>9}  state hash")
         for name in applied:
-            print(f"{name:<12} {applied[name]:>8} {positions[name]:>9}  {hashes[name][:16]}")
+            print(f"{name:<20} {applied[name]:>8} {positions[name]:>9}  {hashes[name][:16]}")
     return 0
 
 

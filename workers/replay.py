@@ -253,12 +253,12 @@ def _print_comparison(result: ReplayResult, points: dict[str, LivePoint]) -> int
 
     rows = compare(result, points)
     print(
-        f"{'view':<12} {'position':>9} {'events':>9}  {'live hash':<{HASH_SHOWN}}  "
+        f"{'view':<20} {'position':>9} {'events':>9}  {'live hash':<{HASH_SHOWN}}  "
         f"{'replay hash':<{HASH_SHOWN}}  equal"
     )
     for c in rows:
         print(
-            f"{c.name:<12} {c.position:>9} {c.events:>9}  {c.live_hash[:HASH_SHOWN]}  "
+            f"{c.name:<20} {c.position:>9} {c.events:>9}  {c.live_hash[:HASH_SHOWN]}  "
             f"{c.replay_hash[:HASH_SHOWN]}  {'yes' if c.equal else 'NO'}"
         )
     rate = result.events_total / max(result.elapsed_s, 1e-9)
@@ -275,10 +275,10 @@ def _print_comparison(result: ReplayResult, points: dict[str, LivePoint]) -> int
 
 def _print_state(result: ReplayResult, as_of: AsOf) -> None:
     print(f"state as of {as_of.describe()}")
-    print(f"{'view':<12} {'log':<12} {'position':>9} {'events':>9}  state hash        tables")
+    print(f"{'view':<20} {'log':<12} {'position':>9} {'events':>9}  state hash        tables")
     for v in result.views:
         tables = ", ".join(f"{name} {count}" for name, count in v.tables.items())
         print(
-            f"{v.name:<12} {v.log:<12} {v.position:>9} {v.events:>9}  "
+            f"{v.name:<20} {v.log:<12} {v.position:>9} {v.events:>9}  "
             f"{v.state_hash[:HASH_SHOWN]}  {tables}"
         )
