@@ -157,6 +157,11 @@ def state_of(fact: UsageRecorded) -> bytes:
     )
 
 
+def time_text(value: datetime) -> str:
+    """A time's text in a stored state (what `state_of` writes of it, without the quotes)."""
+    return orjson.dumps(_time(value))[1:-1].decode()
+
+
 def _time(value: datetime) -> datetime | str:
     offset = value.utcoffset()
     if offset is None:
@@ -226,6 +231,50 @@ class ReportStates:
             end += _ROW_PREFIX.size + size
             ends.append(end)
         return b"".join(parts), ends
+
+    def copy_rows_of_text(
+        self,
+        reports: Sequence[dict[str, Any]],
+        typed: Sequence[tuple[UUID, bytes, datetime, datetime]],
+    ) -> tuple[bytes, list[int]]:
+        """`copy_rows` of reports whose lease id and times are already their stored text
+        (`str(UUID)`, and what orjson writes of the time: `time_text`), `typed[i]` being
+        report i's lease id (and its `UUID.bytes`) and times as objects (for a report the
+        codec writes otherwise)."""
+        out = bytearray()
+        ends: list[int] = []
+        head, node, tail = self._head, self._node, self._tail
+        fixed = len(head) + len(node) + len(tail) - 2
+        prefix = _ROW_PREFIX.pack
+        dumps = orjson.dumps
+        strict = orjson.OPT_STRICT_INTEGER
+        # Per lease: the state's bytes up to its node id (the lease's text is 36 ASCII
+        # characters: the lease id's text in `written` is the same bytes).
+        heads: dict[str, bytes] = {}
+        for report, (lease_id, lease_bytes, start, end) in zip(reports, typed, strict=True):
+            try:
+                written = dumps(report, option=strict)
+            except orjson.JSONEncodeError:  # an integer past 2**53: the codec writes a string
+                report = {
+                    **report,
+                    "lease_id": lease_id,
+                    "interval_start": start,
+                    "interval_end": end,
+                }
+                out += copy_row(lease_bytes, report["sequence"], state_of(self.fact(report)))
+                ends.append(len(out))
+                continue
+            out += prefix(
+                4, 16, lease_bytes, 8, report["sequence"], *_TOPIC_FIELDS, fixed + len(written)
+            )
+            lease_head = heads.get(report["lease_id"])
+            if lease_head is None:
+                lease_head = heads[report["lease_id"]] = head + written[1:_LEASE_END] + node
+            out += lease_head
+            out += written[_LEASE_END:-1]
+            out += tail
+            ends.append(len(out))
+        return bytes(out), ends
 
     def fact(self, report: Mapping[str, Any]) -> UsageRecorded:
         """The fact `report` records (what `state` writes)."""

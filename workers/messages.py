@@ -45,7 +45,11 @@ Usage, in one of two types on the usage topic:
   carries the batch's envelope id.
 
 Validation of a batch is one compiled pydantic-core call (`USAGE_BATCH_ADAPTER`, over
-TypedDicts) for all its reports.
+TypedDicts) for all its reports. Ingest's decode (`decode_usage_value`) first tries a fast
+path (`_decode_text`): the whole message validated straight from its bytes, lease ids and
+times kept as text and each distinct text validated once per decode process by the same
+validators; whatever that path does not take (not signed, not valid, counters as strings
+or past 2**64-1...) goes the full path above, which gives the reason and the detail.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ from typing_extensions import TypedDict
 
 from domain.usage import RejectReason as RejectReason
 from domain.usage import epoch_us
-from ledger.usage import ReportStates
+from ledger.usage import ReportStates, time_text
 from workers.signing import canonical_bytes
 
 MESSAGE_BYTES_MAX = 64 * 1024
@@ -193,10 +197,96 @@ class UsageReportData(TypedDict):
     signature: NotRequired[Signature | None]
 
 
+_JsonCounter = Annotated[int, Field(ge=0, le=2**64 - 1, strict=True)]
+_JsonSequence = Annotated[int, Field(ge=1, le=SEQUENCE_MAX, strict=True)]
+_JsonGpuCount = Annotated[int, Field(ge=1, le=GPU_COUNT_MAX, strict=True)]
+
+
+@with_config(ConfigDict(extra="forbid", strict=False))
+class _TextBatchedUsage(TypedDict):
+    """`BatchedUsage` as decode's fast path reads it from the message's JSON: its lease id
+    and times left as their text (each distinct text validated once, with the validators of
+    `BatchedUsage`: `_uuid`, `_aware_time`) and its integers only JSON integers that orjson
+    reads as integers too, so that the validated data is the data as `orjson.loads` reads
+    it (what the signature covers). Anything else goes the full path."""
+
+    lease_id: str
+    sequence: _JsonSequence
+    interval_start: str
+    interval_end: str
+    gpu_count: _JsonGpuCount
+    wall_time_us: _JsonCounter
+    device_time_us: _JsonCounter
+    flops: _JsonCounter
+    samples: _JsonCounter
+    tokens: _JsonCounter
+    steps: _JsonCounter
+    peak_memory_bytes: _JsonCounter
+    workload: Text
+    device: Text
+
+
+@with_config(ConfigDict(extra="forbid", strict=False))
+class _TextUsageBatch(TypedDict):
+    node_id: str
+    reports: Annotated[list[_TextBatchedUsage], Field(min_length=1, max_length=BATCH_REPORTS_MAX)]
+    signature: NotRequired[Signature]
+
+
+@with_config(ConfigDict(extra="forbid", strict=False))
+class _TextUsageReportData(TypedDict):
+    lease_id: str
+    node_id: str
+    sequence: _JsonSequence
+    interval_start: str
+    interval_end: str
+    gpu_count: _JsonGpuCount
+    wall_time_us: _JsonCounter
+    device_time_us: _JsonCounter
+    flops: _JsonCounter
+    samples: _JsonCounter
+    tokens: _JsonCounter
+    steps: _JsonCounter
+    peak_memory_bytes: _JsonCounter
+    workload: Text
+    device: Text
+    signature: NotRequired[Signature | None]
+
+
+@with_config(ConfigDict(extra="forbid", strict=False))
+class _TextBatchEnvelope(TypedDict):
+    """An `Envelope` of a usage batch, as decode's fast path validates it from its bytes."""
+
+    id: UUID
+    type: Literal["aether.usage_batch.v1"]
+    source: Text
+    subject: Text
+    time: AwareDatetime
+    data: _TextUsageBatch
+
+
+@with_config(ConfigDict(extra="forbid", strict=False))
+class _TextReportEnvelope(TypedDict):
+    """An `Envelope` of a single usage report, as decode's fast path validates it."""
+
+    id: UUID
+    type: Literal["aether.usage.v1"]
+    source: Text
+    subject: Text
+    time: AwareDatetime
+    data: _TextUsageReportData
+
+
 BATCHED_USAGE_FIELDS: tuple[str, ...] = tuple(BatchedUsage.__annotations__)
 """A batched report's fields, in order (a validated report dict has them in this order)."""
 USAGE_BATCH_ADAPTER: TypeAdapter[UsageBatch] = TypeAdapter(UsageBatch)
 USAGE_REPORT_ADAPTER: TypeAdapter[UsageReportData] = TypeAdapter(UsageReportData)
+_TEXT_BATCH_ADAPTER: TypeAdapter[_TextBatchEnvelope] = TypeAdapter(_TextBatchEnvelope)
+_TEXT_REPORT_ADAPTER: TypeAdapter[_TextReportEnvelope] = TypeAdapter(_TextReportEnvelope)
+_UUID_ADAPTER: TypeAdapter[UUID] = TypeAdapter(UUID)
+_TIME_ADAPTER: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+assert tuple(_TextBatchedUsage.__annotations__) == BATCHED_USAGE_FIELDS
+assert USAGE_BATCH_TYPE == "aether.usage_batch.v1" and USAGE_TYPE == "aether.usage.v1"
 
 
 class HeartbeatReport(_Model):
@@ -401,10 +491,127 @@ def decode_usage(
     return out, time.thread_time() - started
 
 
+TEXTS_CACHED_MAX = 1 << 16
+"""Most lease ids and times (each) a decode process keeps validated, by their text."""
+_uuids: dict[str, tuple[UUID, str, bytes]] = {}
+_times: dict[str, tuple[datetime, int, str]] = {}
+
+
+def _uuid(text: str) -> tuple[UUID, str, bytes]:
+    """The UUID of `text` (pydantic's UUID validator: ValidationError when it is not one),
+    its stored text (`str(UUID)`) and its bytes; validated once per distinct text."""
+    entry = _uuids.get(text)
+    if entry is None:
+        value = _UUID_ADAPTER.validate_python(text)
+        if len(_uuids) >= TEXTS_CACHED_MAX:
+            _uuids.clear()
+        entry = _uuids[text] = (value, str(value), value.bytes)
+    return entry
+
+
+def _aware_time(text: str) -> tuple[datetime, int, str]:
+    """The aware time of `text` (pydantic's AwareDatetime validator: ValidationError when it
+    is not one), as microseconds since the epoch and as its stored text (`time_text`);
+    validated once per distinct text."""
+    entry = _times.get(text)
+    if entry is None:
+        value = _TIME_ADAPTER.validate_python(text)
+        if len(_times) >= TEXTS_CACHED_MAX:
+            _times.clear()
+        entry = _times[text] = (value, epoch_us(value), time_text(value))
+    return entry
+
+
+_SINGLE_TYPE_TEXT = b'"type":"' + USAGE_TYPE.encode() + b'"'
+
+
+def _decode_text(value: bytes, timestamp_ms: int) -> DecodedUsage | None:
+    """`decode_usage_value`'s fast path: the message validated from its bytes in one
+    pydantic-core call, its reports' lease ids and times as text (each distinct text then
+    validated once by the validators the full schema uses: `_uuid`, `_aware_time`), their
+    states written from that text. None (or ValidationError) where the message is not a
+    signed usage message of that form: the full path then decides, with its reason and
+    detail (or takes what the fast path leaves to it)."""
+    reports: list[dict[str, Any]]
+    if _SINGLE_TYPE_TEXT in value:
+        single = _TEXT_REPORT_ADAPTER.validate_json(value)
+        report = single["data"]
+        message_id = single["id"]
+        data: dict[str, Any] = report  # type: ignore[assignment]
+        node_text = report["node_id"]
+        signature = report.get("signature")
+        # As a batch's report is (the fields and order `ReportStates` writes).
+        reports = [{name: data[name] for name in BATCHED_USAGE_FIELDS}]
+        batched = False
+    else:
+        batch = _TEXT_BATCH_ADAPTER.validate_json(value)
+        message_id = batch["id"]
+        data = batch["data"]  # type: ignore[assignment]
+        node_text = batch["data"]["node_id"]
+        signature = batch["data"].get("signature")
+        reports = data["reports"]
+        batched = True
+    if signature is None:
+        return None
+    try:
+        signed = canonical_bytes(data)
+    except orjson.JSONEncodeError:  # text orjson does not write (a lone surrogate)
+        return None
+    node_id = _uuid(node_text)[0]
+    typed: list[tuple[UUID, bytes, datetime, datetime]] = []
+    fields: list[tuple[int, int, int, int, int, int, int]] = []
+    uuids = _uuids
+    times = _times
+    for r in reports:
+        text = r["lease_id"]
+        lease = uuids.get(text) or _uuid(text)
+        if lease[1] != text:
+            r["lease_id"] = lease[1]
+        text = r["interval_start"]
+        start = times.get(text) or _aware_time(text)
+        if start[2] != text:
+            r["interval_start"] = start[2]
+        text = r["interval_end"]
+        end = times.get(text) or _aware_time(text)
+        if end[2] != text:
+            r["interval_end"] = end[2]
+        typed.append((lease[0], lease[2], start[0], end[0]))
+        fields.append(
+            (
+                lease[0].int,
+                r["sequence"],
+                start[1],
+                end[1],
+                r["gpu_count"],
+                r["wall_time_us"],
+                r["device_time_us"],
+            )
+        )
+    states = ReportStates(message_id, node_id, _received_at(timestamp_ms))
+    rows, ends = states.copy_rows_of_text(reports, typed)
+    return DecodedUsage(
+        message_id.int,
+        node_id.int,
+        batched,
+        signed,
+        bytes.fromhex(signature),
+        fields,
+        rows,
+        ends,
+    )
+
+
 def decode_usage_value(topic: str, value: bytes | None, timestamp_ms: int) -> DecodedUsage:
     """A usage message decoded and validated (a batch's reports in one pydantic-core call),
     its signature's bytes and what it covers, each report's rule fields and event row;
     MessageRejectedError (oversized, malformed, unknown_type, unsigned) otherwise."""
+    if value is not None and len(value) <= MESSAGE_BYTES_MAX:
+        try:
+            decoded = _decode_text(value, timestamp_ms)
+        except ValidationError:
+            decoded = None
+        if decoded is not None:
+            return decoded
     envelope = decode_envelope(value)
     type_ = envelope.type
     reports: Seq[Any]
