@@ -33,6 +33,9 @@ from eventsourcing.postgres import PostgresDatastore
 
 from ledger.market.store import MarketEvent, MarketplaceApplication
 from ledger.merkle import PayoutTree, normalize_account
+from ledger.model import LedgerState
+from ledger.queries import state_as_of
+from ledger.store import LedgerApplication
 
 SETTLEMENT_APPLICATION_NAME = "settlement"
 SETTLEMENT_EVENTS_TABLE_NAME = "settlement_events"
@@ -128,6 +131,17 @@ class EpochSettled:
     rewards: tuple[PlannedReward, ...] = ()
     """The rewards paid: shares of the pool of the fees actually drawn (the plan's rewards
     are the most they can be, when every charge is covered)."""
+    ledger_position: int = 0
+    """The ledger log's last position when the payouts were read: the ledger as of the
+    settlement is its log up to here (0: not recorded; then `settled_at` stands in)."""
+
+
+def ledger_at_settlement(app: LedgerApplication, shard: int, settled: EpochSettled) -> LedgerState:
+    """The ledger shard's state as the epoch's settlement saw it (by log position; by time
+    for an outcome recorded before positions were)."""
+    if settled.ledger_position:
+        return state_as_of(app, shard=shard, position=settled.ledger_position)
+    return state_as_of(app, shard=shard, at=settled.settled_at)
 
 
 @dataclass(frozen=True, slots=True)

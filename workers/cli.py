@@ -163,8 +163,7 @@ def _run_trial_balance(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    from ledger.queries import state_as_of
-    from ledger.settlement import SettlementApplication, SettlementLog
+    from ledger.settlement import SettlementApplication, SettlementLog, ledger_at_settlement
     from workers.bootstrap import open_market
     from workers.processes import SETTLED_MARKET_RULES
     from workers.reconcile import reconcile
@@ -185,9 +184,7 @@ def _run_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             reader = ChainReader(open_chain(settings))
         else:
             print("(no ETH_RPC_URL: the chain column is left out)", file=sys.stderr)
-        at = state_as_of(
-            market.ledger.app, shard=settings.ledger_shard, at=record.settled.settled_at
-        )
+        at = ledger_at_settlement(market.ledger.app, settings.ledger_shard, record.settled)
         report = reconcile(args.epoch, market.service, log, at, market.ledger.writer.state, reader)
         print(report.csv() if args.csv else report.table(), end="" if args.csv else "\n")
         return 1 if report.flagged else 0

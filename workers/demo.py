@@ -44,8 +44,12 @@ from domain.verdicts import FailureKind, Verdict, window_containing, window_end_
 from ledger.config import Settings
 from ledger.market import service as m
 from ledger.money import format_amount, units
-from ledger.queries import state_as_of
-from ledger.settlement import EpochRecord, SettlementApplication, SettlementLog
+from ledger.settlement import (
+    EpochRecord,
+    SettlementApplication,
+    SettlementLog,
+    ledger_at_settlement,
+)
 from ledger.usage import OffsetAdvance, UsageApplication
 from workers.bootstrap import Market, open_market
 from workers.broker import kafka_from
@@ -269,7 +273,7 @@ def run_demo(settings: Settings) -> int:
         demo.poll()
         demo.side.mirror.mirror()
         with open_views(market.ledger.app, market.app) as views:
-            balanced = _print_views(views, demo.names, clock.now, rules)
+            balanced = _print_views(views, demo.names, _log_time(market), rules)
         report = _print_settlement(demo, market)
         _print_earnings(demo, market, settings)
         audited = _audit(demo, market, settings)
@@ -762,7 +766,7 @@ def _print_settlement(demo: _Demo, market: Market) -> Report:
     settled = log.epochs[epoch].settled
     assert settled is not None
     ledger = market.ledger
-    at_settlement = state_as_of(ledger.app, shard=ledger.writer.shard, at=settled.settled_at)
+    at_settlement = ledger_at_settlement(ledger.app, ledger.writer.shard, settled)
     report = reconcile(
         epoch, demo.service, log, at_settlement, ledger.writer.state, demo.side.reader
     )
@@ -875,3 +879,13 @@ def _print_earnings(demo: _Demo, market: Market, settings: Settings) -> None:
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         print("  " + "  ".join(cells).rstrip())
+
+
+def _log_time(market: Market) -> datetime:
+    """When the marketplace log's last event was recorded: the "now" of the printed views
+    (reputation's age), the same on a rerun (which records nothing) as the first time."""
+    recorder = market.app.recorder
+    last = recorder.max_notification_id() or 0
+    for _, event in market.app.read(after=max(0, last - 1)):
+        return event.timestamp
+    return DEMO_START

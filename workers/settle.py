@@ -350,6 +350,7 @@ class Settler:
             payout_new=total - (previous.payout_total if previous else 0),
             settled_at=self.clock(),
             rewards=tuple(rewards),
+            ledger_position=self.service.writer.app.recorder.max_notification_id() or 0,
         )
         self._append(settled, 2)
 

@@ -19,8 +19,7 @@ from domain.settlement import SettlementRules
 from domain.usage import UsageRecorded
 from ledger.market import service as m
 from ledger.money import units
-from ledger.queries import state_as_of
-from ledger.settlement import SettlementApplication, SettlementLog
+from ledger.settlement import SettlementApplication, SettlementLog, ledger_at_settlement
 from ledger.store import LedgerApplication
 from ledger.usage import OffsetAdvance, UsageApplication
 from tests.market import START, Market, build_market, uid
@@ -65,7 +64,7 @@ class World:
     def report(self, epoch: int) -> Report:
         settled = self.log.epochs[epoch].settled
         assert settled is not None
-        at_settlement = state_as_of(self.ledger_app, shard=0, at=settled.settled_at)
+        at_settlement = ledger_at_settlement(self.ledger_app, 0, settled)
         return reconcile(
             epoch,
             self.market.service,
@@ -161,7 +160,7 @@ def test_a_claim_missing_in_the_ledger_flags_exactly_that_provider(world: World)
         epoch,
         fresh.service,
         world.log,
-        state_as_of(world.ledger_app, shard=0, at=settled.settled_at),
+        ledger_at_settlement(world.ledger_app, 0, settled),
         world.market.writer.state,
         world.side.reader,
     )
