@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid5
+from uuid import UUID, uuid4, uuid5
 
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
@@ -182,7 +182,10 @@ def embedded_chain(*, unbond_delay_s: int | None = None) -> Chain:
     d.grant(d.distributor, ROLE_POSTER, poster)
     d.grant(d.vault, ROLE_WITHDRAWER, withdrawer)
     roles = ChainRoles(slasher, poster, withdrawer)
-    return Chain(d, roles, chain_key(w3, d.vault.address), 0, embedded=True)
+    # Two in-process chains made in the same second share a genesis (its hash covers the
+    # timestamp): a nonce keeps each fresh chain's cursors its own.
+    key = f"{chain_key(w3, d.vault.address)}:embedded-{uuid4().hex}"
+    return Chain(d, roles, key, 0, embedded=True)
 
 
 def open_chain(settings: Settings) -> Chain:
