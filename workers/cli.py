@@ -165,10 +165,9 @@ def _run_trial_balance(settings: Settings, args: argparse.Namespace) -> int:
 def _run_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from ledger.settlement import SettlementApplication, SettlementLog, ledger_at_settlement
     from workers.bootstrap import open_market
-    from workers.processes import SETTLED_MARKET_RULES
     from workers.reconcile import reconcile
 
-    with open_market(settings, rules=SETTLED_MARKET_RULES) as market:
+    with open_market(settings) as market:
         datastore = market.ledger.app.app_recorder.datastore
         log = SettlementLog(SettlementApplication(datastore, env=market.ledger.app.env))
         log.refresh()

@@ -228,7 +228,7 @@ class _Demo:
 
 DEMO_RULES = m.MarketRules(lease=replace(DEMO_LEASE_RULES, release_escrow_at_close=False))
 """The demo's rules, settling: a close keeps the lease's escrow until settlement has
-charged its last usage (`workers.processes.SETTLED_MARKET_RULES`)."""
+charged its last usage (`workers.bootstrap.DEPLOYED_MARKET_RULES`)."""
 
 
 def run_demo(settings: Settings) -> int:

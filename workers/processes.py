@@ -14,7 +14,7 @@ from domain.settlement import SettlementRules
 from ledger.config import Settings
 from ledger.settlement import SettlementApplication, SettlementLog
 from ledger.usage import UsageApplication
-from workers.bootstrap import DEPLOYED_MARKET_RULES, open_market
+from workers.bootstrap import open_market
 from workers.broker import (
     LEDGER_EVENTS,
     MARKETPLACE_EVENTS,
@@ -90,10 +90,6 @@ def run_checker(settings: Settings, argv: Sequence[str]) -> int:
     return 0
 
 
-SETTLED_MARKET_RULES = DEPLOYED_MARKET_RULES
-"""The marketplace rules of a deployment that settles (every process's default)."""
-
-
 def run_settle(settings: Settings, argv: Sequence[str]) -> int:
     """`aether worker settle [--epoch N ...] [--follow]`: settle the due epochs (or the given
     ones), safe to re-run; with ETH_RPC_URL, post each epoch's payout root on chain."""
@@ -107,7 +103,7 @@ def run_settle(settings: Settings, argv: Sequence[str]) -> int:
         from workers.chain import PayoutGateway, open_chain
 
         gateway = PayoutGateway(open_chain(settings))
-    with open_market(settings, rules=SETTLED_MARKET_RULES) as market:
+    with open_market(settings) as market:
         datastore = market.ledger.app.app_recorder.datastore
         env = market.ledger.app.env
         settler = Settler(

@@ -476,6 +476,8 @@ class MarketState:
     versions: MutableMapping[UUID, int] = field(default_factory=dict)
     node_provider: MutableMapping[UUID, UUID] = field(default_factory=dict)
     node_keys: MutableMapping[str, UUID] = field(default_factory=dict)
+    operator_addresses: MutableMapping[str, UUID] = field(default_factory=dict)
+    """Operator address (lower case) -> the provider registered with it."""
     """Node signing key -> the provider that listed it (keys are unique across providers)."""
     leases_by_node: MutableMapping[UUID, tuple[UUID, ...]] = field(default_factory=dict)
     order_models: MutableMapping[UUID, str] = field(default_factory=dict)
@@ -495,6 +497,7 @@ class MarketState:
         if isinstance(fact, providers.Fact):
             provider = providers.apply(self.providers.get(fact.provider_id), fact)
             self.providers[fact.provider_id] = provider
+            self.operator_addresses[provider.operator_address.lower()] = provider.provider_id
             for node in provider.nodes:
                 self.node_provider[node.node_id] = provider.provider_id
                 self.node_keys[node.public_key] = provider.provider_id
@@ -585,6 +588,7 @@ class _Work:
             versions=ChainMap({}, state.versions),
             node_provider=ChainMap({}, state.node_provider),
             node_keys=ChainMap({}, state.node_keys),
+            operator_addresses=ChainMap({}, state.operator_addresses),
             leases_by_node=ChainMap({}, state.leases_by_node),
             order_models=ChainMap({}, state.order_models),
         )
@@ -705,11 +709,8 @@ class Marketplace:
 
     def provider_by_address(self, address: str) -> Provider | None:
         """The provider whose operator address is `address` (case-insensitive)."""
-        wanted = address.lower()
-        for provider in self.state.providers.values():
-            if provider.operator_address.lower() == wanted:
-                return provider
-        return None
+        provider_id = self.state.operator_addresses.get(address.lower())
+        return None if provider_id is None else self.state.providers.get(provider_id)
 
     def lease(self, lease_id: UUID) -> Lease | None:
         return self.state.leases.get(lease_id)
