@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -244,6 +245,47 @@ def raw_copy_rate(url: str, schema: str, rows: list[tuple[Any, ...]], chunk: int
         return len(rows) / (time.perf_counter() - started)
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, all) CPU ticks of the whole machine since boot (Linux /proc/stat; zeros
+    elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+class MachineSampler:
+    """Samples `machine_cpu` every 20 ms in a thread, to tell how busy the machine was
+    between two `time.perf_counter` readings."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="machine-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.samples.append((time.perf_counter(), *machine_cpu()))
+
+    def __enter__(self) -> MachineSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def busy_cores(self, start: float, end: float) -> float | None:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or not inside[-1][2] - inside[0][2]:
+            return None
+        (_, busy0, all0), (_, busy1, all1) = inside[0], inside[-1]
+        return (busy1 - busy0) / (all1 - all0) * (os.cpu_count() or 1)
+
+
 def verify_rate(
     messages: list[tuple[bytes, bytes]], node_names: set[str], count: int = 500
 ) -> float:
@@ -359,7 +401,8 @@ def main() -> None:
 
         cpu_started = time.process_time()
         main_started = time.thread_time()
-        stats = asyncio.run(run())
+        with MachineSampler() as machine:
+            stats = asyncio.run(run())
         cpu_s = time.process_time() - cpu_started
         main_cpu_s = time.thread_time() - main_started
         assert stats.first_consumed_at is not None and stats.last_committed_at is not None
@@ -398,6 +441,12 @@ def main() -> None:
             f"plus the decode processes' {stats.decode_cpu_s:.1f}s; load average "
             f"{os.getloadavg()[0]:.2f}"
         )
+        busy = machine.busy_cores(stats.first_consumed_at, stats.last_committed_at)
+        if busy is not None:
+            print(
+                f"         machine: {busy:.2f} of {os.cpu_count()} cores busy from the first "
+                "fetch to the last commit (every process, Postgres's too)"
+            )
         with psycopg.connect(url, autocommit=True) as conn:
             rows = conn.execute(
                 sql.SQL(

@@ -236,7 +236,7 @@ class ReportStates:
         self,
         reports: Sequence[dict[str, Any]],
         typed: Sequence[tuple[UUID, bytes, datetime, datetime]],
-    ) -> tuple[bytes, list[int]]:
+    ) -> tuple[bytearray, list[int]]:
         """`copy_rows` of reports whose lease id and times are already their stored text
         (`str(UUID)`, and what orjson writes of the time: `time_text`), `typed[i]` being
         report i's lease id (and its `UUID.bytes`) and times as objects (for a report the
@@ -274,7 +274,7 @@ class ReportStates:
             out += written[_LEASE_END:-1]
             out += tail
             ends.append(len(out))
-        return bytes(out), ends
+        return out, ends
 
     def fact(self, report: Mapping[str, Any]) -> UsageRecorded:
         """The fact `report` records (what `state` writes)."""
@@ -402,7 +402,7 @@ class UsageRecorder(AppendOnlyRecorder):
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def record_copy(
         self,
-        rows: Sequence[bytes | memoryview],
+        rows: Sequence[bytes | bytearray | memoryview],
         count: int,
         group_id: str,
         offsets: Sequence[OffsetAdvance],
@@ -555,7 +555,7 @@ class UsageApplication(Application[UUID]):
 
     def record_copy(
         self,
-        rows: Sequence[bytes | memoryview],
+        rows: Sequence[bytes | bytearray | memoryview],
         count: int,
         group_id: str,
         offsets: Sequence[OffsetAdvance],

@@ -65,12 +65,13 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -106,8 +107,11 @@ from workers.messages import (
     UsageRejection,
     VerdictReport,
     decode_usage,
+    decode_usage_value,
     decode_worker_init,
+    node_id_text,
 )
+from workers.segments import Segments
 from workers.signing import canonical_bytes, public_key, verify_bytes
 
 log = logging.getLogger(__name__)
@@ -134,6 +138,15 @@ DECODE_PROCESSES = 1
 beside the event loop's: a batch is decoded there while the one before it is decided here
 (0: decode in the event loop's thread)."""
 DECODE_PROCESSES_MAX = 8
+DECODE_AHEAD = 2
+"""Batches fetched and being decoded while the one before them is decided (so a decode
+process always has the next batch to work on while the loop waits for a commit)."""
+ROWS_PER_VALUE_BYTE = 2
+"""Bytes of usage rows a decode task's shared-memory segment holds per byte of the messages
+it decodes (a row is about 1.6 times its report's text; rows that do not fit come back
+through the pipe)."""
+NODE_TEXTS_CACHED_MAX = 1 << 16
+"""Most node id texts ingest remembers the node id of."""
 VERIFY_CHUNK_MAX = 512
 """Most signatures one verifier task checks."""
 VERIFY_CHUNK_REPORTS_MAX = 512
@@ -260,8 +273,9 @@ class _Pending:
     """A heartbeat or a verdict (None: usage)."""
     usage: Sequence[tuple[int, int, int, int, int, int, int]] = ()
     """The usage reports' rule fields (`messages.DecodedUsage.reports`)."""
-    rows: bytes = b""
-    """The usage reports' events (`messages.DecodedUsage.rows`)."""
+    rows: bytes | bytearray | memoryview = b""
+    """The usage reports' events (`messages.DecodedUsage.rows`, or a view of them in a
+    shared-memory segment)."""
     ends: Sequence[int] = ()
     """Where each report's event ends in `rows`."""
     batched: bool = False
@@ -279,7 +293,7 @@ class _Batch:
     """What one batch decided: facts to store, dead letters to send, offsets to advance."""
 
     generation: int
-    rows: list[bytes | memoryview] = field(default_factory=list)
+    rows: list[bytes | bytearray | memoryview] = field(default_factory=list)
     """The accepted usage events, as binary COPY rows (`ledger.usage.copy_row`), a
     message's at a time (or one by one where some of its reports were refused)."""
     events: int = 0
@@ -293,6 +307,8 @@ class _Batch:
     leases: dict[int, LeaseTerms] = field(default_factory=dict)
     """The marketplace's leases looked up in this batch (by the id's integer), forgotten
     whenever the marketplace state may have changed (a command, a refresh)."""
+    segments: list[SharedMemory] = field(default_factory=list)
+    """The shared-memory segments `rows` views, given back once the batch committed."""
 
 
 @dataclass
@@ -307,6 +323,9 @@ class _Fetched:
     decoding: list[asyncio.Future[tuple[list[DecodedUsage | UsageRejection], float]]]
     """The decode processes' answers for the usage topic's records, in record order (empty
     without decode processes: decided in the event loop's thread)."""
+    segments: list[SharedMemory | None] = field(default_factory=list)
+    """Per decode task, the shared-memory segment its rows are written into (None: they
+    come back through the pipe)."""
 
 
 @dataclass
@@ -381,8 +400,13 @@ class Ingest:
             )
         self.decode_processes = decode_processes
         self._decode_pool: Executor | None = None
-        self._fetched: _Fetched | None = None
-        """The batch fetched and being decoded, decided at the next step."""
+        self._segments = Segments()
+        """Where the decode processes write the rows (`workers.segments`)."""
+        self._node_texts: dict[bytes, UUID | None] = {}
+        """The node id of each node id text seen in a usage message (None: not a UUID)."""
+        self._fetched: deque[_Fetched] = deque()
+        """The batches fetched and being decoded, oldest first (at most DECODE_AHEAD: the
+        oldest is decided once another is fetched)."""
         self._verify_pool = ThreadPoolExecutor(verify_threads, thread_name_prefix="verify")
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -507,11 +531,12 @@ class Ingest:
             if self._producer is not None:
                 await self._producer.stop()
             self._consumer = self._producer = None
-            self._fetched = None
+            self._fetched.clear()
             self._verify_pool.shutdown(wait=False)
             if self._decode_pool is not None:
                 self._decode_pool.shutdown(wait=True, cancel_futures=True)
                 self._decode_pool = None
+            self._segments.close()
 
     async def run(self, stop: asyncio.Event) -> IngestStats:
         """Ingest until `stop` is set."""
@@ -552,9 +577,10 @@ class Ingest:
     # -- one batch -------------------------------------------------------------------------
 
     async def step(self, timeout_ms: int = FETCH_TIMEOUT_MS) -> int:
-        """Fetch a batch and hand it to the decode processes, then decide the batch fetched
-        before (decoded meanwhile) and hand it to the committer; returns the messages read
-        (with nothing to read: those of the batch decided, 0 when there was none)."""
+        """Fetch a batch and hand it to the decode processes, then decide the oldest batch
+        fetched before (decoded meanwhile) if DECODE_AHEAD are being decoded, and hand it
+        to the committer; returns the messages read (with nothing to read: those of the
+        batches decided, 0 when there was none)."""
         consumer = self._require_consumer()
         max_records = max(
             1,
@@ -573,9 +599,10 @@ class Ingest:
         else:
             self.stats.fetch_s += started - fetching
         fetched = self._fetch(records)
-        previous, self._fetched = self._fetched, fetched
-        if previous is not None:
-            await self._process(previous)
+        queue = self._fetched
+        queue.append(fetched)
+        while len(queue) > DECODE_AHEAD:
+            await self._process(queue.popleft())
         if self._decode_pool is None:
             await self._decide_fetched()
         return fetched.consumed
@@ -601,15 +628,31 @@ class Ingest:
             if tp.topic == usage_topic:
                 usage.extend((r.value, r.timestamp) for r in tp_records)
         decoding = []
+        segments: list[SharedMemory | None] = []
         pool = self._decode_pool
         if pool is not None and usage:
             loop = asyncio.get_running_loop()
             share = -(-len(usage) // self.decode_processes)
-            decoding = [
-                loop.run_in_executor(pool, decode_usage, usage_topic, usage[i : i + share])
-                for i in range(0, len(usage), share)
-            ]
-        return _Fetched(self._generation, records, offsets, consumed, decoding)
+            for i in range(0, len(usage), share):
+                part = usage[i : i + share]
+                size = 0
+                keys: dict[int, str] = {}
+                for value, _ in part:
+                    if value is None:
+                        continue
+                    size += len(value)
+                    node_id = self._node_of_text(node_id_text(value))
+                    if node_id is not None and node_id.int not in keys:
+                        key_hex = self._key_hex(node_id)
+                        if key_hex is not None:
+                            keys[node_id.int] = key_hex
+                segment = self._segments.acquire(ROWS_PER_VALUE_BYTE * size + 65_536)
+                segments.append(segment)
+                ref = None if segment is None else (segment.name, segment.size)
+                decoding.append(
+                    loop.run_in_executor(pool, decode_usage, usage_topic, part, keys, ref)
+                )
+        return _Fetched(self._generation, records, offsets, consumed, decoding, segments)
 
     async def _after_reset(
         self, records: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
@@ -632,33 +675,53 @@ class Ingest:
         return kept
 
     async def _decide_fetched(self) -> int:
-        """Decide and hand to the committer the batch fetched last, if any; its messages."""
-        fetched, self._fetched = self._fetched, None
-        if fetched is None:
-            return 0
-        await self._process(fetched)
-        return fetched.consumed
+        """Decide and hand to the committer the batches fetched and not decided, in order;
+        their messages."""
+        consumed = 0
+        queue = self._fetched
+        while queue:
+            fetched = queue.popleft()
+            await self._process(fetched)
+            consumed += fetched.consumed
+        return consumed
 
     async def _process(self, fetched: _Fetched) -> None:
         started = time.perf_counter()
         if fetched.generation != self._generation:
-            for future in fetched.decoding:
-                future.cancel()
+            # Its decode tasks write into its segments: they are given back once done.
+            await asyncio.gather(*fetched.decoding, return_exceptions=True)
+            self._release(fetched.segments)
             log.info("dropping a batch fetched before the assignment changed")
             return
-        batch = await self._decide(fetched)
+        try:
+            batch = await self._decide(fetched)
+        except BaseException:
+            await asyncio.gather(*fetched.decoding, return_exceptions=True)
+            self._release(fetched.segments)
+            raise
         self.stats.decide_s += time.perf_counter() - started
         if batch.generation != self._generation:
+            self._release(batch.segments)
             log.info("dropping a batch decided before the assignment changed")
             return
-        sending = time.perf_counter()
-        await self._send_dead_letters(batch)
-        self.stats.dead_letter_s += time.perf_counter() - sending
-        await self._finish_inflight()
+        try:
+            sending = time.perf_counter()
+            await self._send_dead_letters(batch)
+            self.stats.dead_letter_s += time.perf_counter() - sending
+            await self._finish_inflight()
+        except BaseException:
+            self._release(batch.segments)
+            raise
         if batch.generation != self._generation:
+            self._release(batch.segments)
             log.info("dropping a batch decided before the offsets were reset")
             return
         self._inflight = asyncio.create_task(self._commit(batch))
+
+    def _release(self, segments: Iterable[SharedMemory | None]) -> None:
+        for segment in segments:
+            if segment is not None:
+                self._segments.release(segment)
 
     async def _decoded_usage(self, fetched: _Fetched) -> list[DecodedUsage | UsageRejection]:
         """The decode processes' answers for the batch's usage messages (or, without decode
@@ -681,16 +744,32 @@ class Ingest:
         answers = await asyncio.gather(*fetched.decoding)
         self.stats.decode_wait_s += time.perf_counter() - waiting
         decoded = []
-        for part, cpu_s in answers:
-            decoded.extend(part)
+        for (part, cpu_s), segment in zip(answers, fetched.segments, strict=True):
             self.stats.decode_cpu_s += cpu_s
+            if segment is None:
+                decoded.extend(part)
+                continue
+            view = segment.buf
+            assert view is not None
+            for answer in part:
+                if isinstance(answer, DecodedUsage) and answer.rows_at >= 0:
+                    at = answer.rows_at
+                    answer = answer._replace(
+                        rows=view[at : at + answer.ends[-1]] if answer.ends else b""
+                    )
+                decoded.append(answer)
         return decoded
 
     async def _decide(self, fetched: _Fetched) -> _Batch:
         """Take over the decoded messages (parsing the heartbeats and verdicts), verifying
         signatures a chunk at a time in the thread pool while the next chunk is taken over;
         then apply the rules chunk by chunk, in record order."""
-        batch = _Batch(fetched.generation, offsets=fetched.offsets, consumed=fetched.consumed)
+        batch = _Batch(
+            fetched.generation,
+            offsets=fetched.offsets,
+            consumed=fetched.consumed,
+            segments=[segment for segment in fetched.segments if segment is not None],
+        )
         decoded = iter(await self._decoded_usage(fetched))
         now = self.clock()
         chunks: list[_Chunk] = []
@@ -709,16 +788,37 @@ class Ingest:
                         reason, detail = answer
                         self._dead_letter(batch, record, RejectReason(reason), detail, now)
                         continue
+                    envelope_id, node_id = UUID(int=answer.envelope), UUID(int=answer.node)
+                    signed, verified = answer.signed, False
+                    if answer.verified is not None:
+                        # Checked in the decode process, against the key given it: valid
+                        # if that is still the node's key (else checked again here).
+                        if self._key_hex(node_id) == answer.key:
+                            if not answer.verified:
+                                self._dead_letter(
+                                    batch,
+                                    record,
+                                    RejectReason.signature_invalid,
+                                    f"message {envelope_id}: not signed by node {node_id}'s key",
+                                    now,
+                                )
+                                continue
+                            verified = True
+                        else:
+                            signed = decode_usage_value(
+                                usage_topic, record.value, record.timestamp
+                            ).signed
                     pending = _Pending(
                         record,
-                        UUID(int=answer.envelope),
-                        UUID(int=answer.node),
+                        envelope_id,
+                        node_id,
                         usage=answer.reports,
                         rows=answer.rows,
                         ends=answer.ends,
                         batched=answer.batched,
-                        signed=answer.signed,
+                        signed=signed,
                         signature=answer.signature,
+                        verified=verified,
                     )
                     usage_messages += 1
                     usage_reports += len(answer.reports)
@@ -854,6 +954,33 @@ class Ingest:
             if key is not None:
                 keys[node_id] = key
         return keys
+
+    def _key_hex(self, node_id: UUID) -> str | None:
+        """The public key (hex) the marketplace registered for the node, if it has one that
+        loads."""
+        state = self.market.state
+        provider_id = state.node_provider.get(node_id)
+        provider = None if provider_id is None else state.providers.get(provider_id)
+        node = None if provider is None else provider.node(node_id)
+        if node is None or public_key(node.public_key) is None:
+            return None
+        return node.public_key
+
+    def _node_of_text(self, text: bytes | None) -> UUID | None:
+        """The node id of a node id text (`messages.node_id_text`), remembered."""
+        if text is None:
+            return None
+        known = self._node_texts
+        if text in known:
+            return known[text]
+        try:
+            node_id: UUID | None = UUID(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            node_id = None
+        if len(known) >= NODE_TEXTS_CACHED_MAX:
+            known.clear()
+        known[text] = node_id
+        return node_id
 
     def _refresh_market(self, batch: _Batch) -> None:
         """Read what the marketplace log holds since the service's last look (at most once
@@ -1032,7 +1159,19 @@ class Ingest:
 
     async def _commit(self, batch: _Batch) -> None:
         started = time.perf_counter()
-        await asyncio.to_thread(self._record, batch)
+        loop = asyncio.get_running_loop()
+
+        def record() -> None:
+            try:
+                self._record(batch)
+            finally:
+                # Given back once the driver is done with the rows (not on a cancel of
+                # this task, which does not stop the thread).
+                batch.rows.clear()
+                with suppress(RuntimeError):  # the loop is closed: stop() removed them
+                    loop.call_soon_threadsafe(self._release, batch.segments)
+
+        await asyncio.to_thread(record)
         finished = time.perf_counter()
         self.stats.commit_s += finished - started
         self.stats.last_committed_at = finished

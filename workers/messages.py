@@ -57,7 +57,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, NamedTuple, NotRequired, TypeVar
@@ -78,7 +78,8 @@ from typing_extensions import TypedDict
 from domain.usage import RejectReason as RejectReason
 from domain.usage import epoch_us
 from ledger.usage import ReportStates, time_text
-from workers.signing import canonical_bytes
+from workers.segments import SegmentRef, attach
+from workers.signing import canonical_bytes, public_key, verify_bytes
 
 MESSAGE_BYTES_MAX = 64 * 1024
 """Largest message value ingest reads; a larger one is dead-lettered as oversized."""
@@ -426,9 +427,10 @@ def _short(error: Exception) -> str:
 
 
 class DecodedUsage(NamedTuple):
-    """A usage message (a batch or a single report) decoded and validated, not yet verified
-    nor decided: what the rules need of each report, as integers, and each report's usage
-    event as a binary COPY row (`ledger.usage.copy_row`), to store if the rules accept it."""
+    """A usage message (a batch or a single report) decoded and validated, not yet decided
+    (and verified only where the ingest process gave the node's key): what the rules need
+    of each report, as integers, and each report's usage event as a binary COPY row
+    (`ledger.usage.copy_row`), to store if the rules accept it."""
 
     envelope: int
     """The envelope id, as its integer (`UUID.int`)."""
@@ -436,18 +438,27 @@ class DecodedUsage(NamedTuple):
     """The reporting node's id, as its integer."""
     batched: bool
     signed: bytes
-    """What the signature covers (`workers.signing.canonical_bytes` of the data)."""
+    """What the signature covers (`workers.signing.canonical_bytes` of the data); empty
+    where the signature was checked in the decode process (`verified`)."""
     signature: bytes
     """The signature's 64 bytes."""
     reports: list[tuple[int, int, int, int, int, int, int]]
     """Per report, in order: (lease id's integer, sequence, interval start, interval end
     (microseconds since the Unix epoch, `domain.usage.epoch_us`), gpu_count, wall_time_us,
     device_time_us): `domain.usage.check_report`'s arguments."""
-    rows: bytes
+    rows: bytes | bytearray | memoryview
     """The reports' usage events (envelope id, node id and receive time spliced in), one
-    after the other: `ledger.usage.ReportStates.copy_rows`."""
+    after the other: `ledger.usage.ReportStates.copy_rows`; empty where they were written
+    into the task's shared-memory segment, at `rows_at`."""
     ends: list[int]
-    """Where each report's row ends in `rows`."""
+    """Where each report's row ends in `rows` (or after `rows_at` in the segment)."""
+    verified: bool | None = None
+    """Whether the node's key `key` signed `signed` (checked in the decode process); None
+    where no key was given for the node: `signed` is then for the ingest process to check."""
+    key: str = ""
+    """The public key (hex) the signature was checked against."""
+    rows_at: int = -1
+    """Where the rows start in the task's shared-memory segment (-1: in `rows`)."""
 
 
 UsageRejection = tuple[str, str]
@@ -477,18 +488,55 @@ def _received_at(timestamp_ms: int) -> datetime:
 
 
 def decode_usage(
-    topic: str, records: Seq[tuple[bytes | None, int]]
+    topic: str,
+    records: Seq[tuple[bytes | None, int]],
+    keys: Mapping[int, str] | None = None,
+    segment: SegmentRef | None = None,
 ) -> tuple[list[DecodedUsage | UsageRejection], float]:
     """Each usage-topic record (value, timestamp in ms) decoded (`decode_usage_value`) or
-    rejected, and the CPU seconds it took. Pure: ingest runs it in a process of its own."""
+    rejected, and the CPU seconds it took. Ingest runs it in a process of its own.
+
+    `keys` (node id's integer -> the public key the marketplace registered for it, hex):
+    the signature of a message from one of those nodes is checked here (`verified`, `key`)
+    and what it covers is not sent back. `segment` (`workers.segments`): the rows are
+    written there, as many as fit, instead of being sent back."""
     started = time.thread_time()
     out: list[DecodedUsage | UsageRejection] = []
+    mapped = None if segment is None else attach(segment)
+    free = 0 if mapped is None else len(mapped)
+    at = 0
     for value, timestamp_ms in records:
         try:
-            out.append(decode_usage_value(topic, value, timestamp_ms))
+            decoded = decode_usage_value(topic, value, timestamp_ms)
         except MessageRejectedError as e:
             out.append((e.reason.value, e.detail))
+            continue
+        key_hex = None if keys is None else keys.get(decoded.node)
+        if key_hex is not None:
+            key = public_key(key_hex)
+            if key is not None:
+                decoded = decoded._replace(
+                    signed=b"",
+                    verified=verify_bytes(key, decoded.signed, decoded.signature),
+                    key=key_hex,
+                )
+        size = len(decoded.rows)
+        if mapped is not None and size <= free - at:
+            mapped[at : at + size] = decoded.rows
+            decoded = decoded._replace(rows=b"", rows_at=at)
+            at += size
+        out.append(decoded)
     return out, time.thread_time() - started
+
+
+def node_id_text(value: bytes) -> bytes | None:
+    """The text of the first ``"node_id"`` string field in a message's bytes, found without
+    parsing it (a hint: which node's key to hand to `decode_usage`; the key is used only if
+    the decoded message names that node)."""
+    at = value.find(b'"node_id":"')
+    if at < 0:
+        return None
+    return value[at + 11 : at + 47]
 
 
 TEXTS_CACHED_MAX = 1 << 16
