@@ -17,8 +17,14 @@ ingest stored (same columns, indexes and JSON state bytes) into a fresh schema's
 events table, in transactions of the same size (ingest's events per commit), with nothing
 decided.
 
-Also printed: where ingest's time went, and the single-thread Ed25519 verify rate of this
-machine on the run's own messages (each message costs one verify).
+This machine's speed swings by a third within seconds (other tenants), so both are
+measured `--rounds` times (default 3), alternating: each round a new consumer group
+ingests every message into an empty usage log, then the raw COPY of that round's rows
+runs. The figures are the medians of the rounds (each round's are printed too).
+
+Also printed: where ingest's time went, how busy the machine's cores were while ingest
+ran, and the single-thread Ed25519 verify rate of this machine on the run's own messages
+(each message costs one verify).
 
 Last line: RESULT events_per_s=<n> copy_rows_per_s=<n> ratio=<x>
 """
@@ -30,6 +36,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import statistics
 import sys
 import threading
 import time
@@ -228,6 +235,8 @@ async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]
 def raw_copy_rate(url: str, schema: str, rows: list[tuple[Any, ...]], chunk: int) -> float:
     """Rows per second of a binary COPY into a fresh usage events table, `chunk` rows per
     transaction."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}.usage_events").format(sql.Identifier(schema)))
     app = LedgerApplication(env=eventsourcing_env(url, schema, 2))
     recorder = UsageRecorder(app.app_recorder.datastore)
     recorder.create_table()
@@ -324,6 +333,10 @@ def main() -> None:
     parser.add_argument("--batch-events-max", type=int, default=BATCH_EVENTS_MAX)
     parser.add_argument("--verify-threads", type=int, default=1)
     parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="ingest and raw COPY measured this many times, alternating (medians reported)",
+    )  # fmt: skip
+    parser.add_argument(
         "--decode-processes", type=int, default=DECODE_PROCESSES,
         help="processes decoding usage messages beside the event loop (0: in its thread)",
     )  # fmt: skip
@@ -382,80 +395,28 @@ def main() -> None:
         writer = LedgerWriter(app)
         market_app = MarketplaceApplication(app.app_recorder.datastore, env=app.env)
         service = m.Marketplace(market_app, writer)
-        usage = UsageApplication(app.app_recorder.datastore, env=app.env)
-
-        async def run() -> Any:
-            ingest = Ingest(
-                bootstrap,
-                f"bench-{uuid.uuid4()}",
-                usage,
-                service,
-                topics=topics,
-                batch_records_max=args.batch_records_max,
-                batch_events_max=args.batch_events_max,
-                verify_threads=args.verify_threads,
-                decode_processes=args.decode_processes,
-            )
-            async with ingest:
-                return await ingest.run_until_caught_up(timeout_s=600)
-
-        cpu_started = time.process_time()
-        main_started = time.thread_time()
-        with MachineSampler() as machine:
-            stats = asyncio.run(run())
-        cpu_s = time.process_time() - cpu_started
-        main_cpu_s = time.thread_time() - main_started
-        assert stats.first_consumed_at is not None and stats.last_committed_at is not None
-        elapsed = stats.last_committed_at - stats.first_consumed_at
-        assert stats.recorded == reports, (stats.recorded, stats.reasons)
-        rate = stats.recorded / elapsed
-        per_commit = max(1, round(stats.recorded / stats.batches))
-        us = 1e6 / stats.recorded
-        print(
-            f"ingest   events committed={stats.recorded} from {stats.usage_messages} messages "
-            f"dead-lettered={stats.dead_lettered} in {elapsed:.2f}s -> {rate:,.0f} events/s "
-            f"(commits={stats.batches}, {per_commit} events each)"
-        )
-        print(
-            f"         wall time (s; us per event): fetch {stats.fetch_s:.2f} "
-            f"({us * stats.fetch_s:.1f}), decide {stats.decide_s:.2f} ({us * stats.decide_s:.1f})"
-            f" of it waiting for signatures {stats.verify_wait_s:.2f} "
-            f"({us * stats.verify_wait_s:.1f}) and for the decode processes "
-            f"{stats.decode_wait_s:.2f} ({us * stats.decode_wait_s:.1f}), dead letters "
-            f"{stats.dead_letter_s:.2f}, "
-            f"commit {stats.commit_s:.2f} ({us * stats.commit_s:.1f}; in a thread, beside the "
-            "next decide)"
-        )
-        print(
-            f"         CPU (s; us per event): decode processes (parse, validate, canonical "
-            f"bytes, JSON states, COPY rows) {stats.decode_cpu_s:.2f} "
-            f"({us * stats.decode_cpu_s:.1f}); event loop: parse+take over "
-            f"{stats.parse_s:.2f} ({us * stats.parse_s:.1f}), rules {stats.rules_s:.2f} "
-            f"({us * stats.rules_s:.1f}); COPY+commit client side {stats.record_cpu_s:.2f} "
-            f"({us * stats.record_cpu_s:.1f})"
-        )
-        print(
-            f"         ingest process CPU {cpu_s:.1f}s ({us * cpu_s:.1f} us per event, group "
-            f"join included), of it the event loop's thread {main_cpu_s:.1f}s "
-            f"({us * main_cpu_s:.1f}); the rest: verify, commit and decode-result threads; "
-            f"plus the decode processes' {stats.decode_cpu_s:.1f}s; load average "
-            f"{os.getloadavg()[0]:.2f}"
-        )
-        busy = machine.busy_cores(stats.first_consumed_at, stats.last_committed_at)
-        if busy is not None:
+        rates: list[float] = []
+        copy_rates: list[float] = []
+        for round_ in range(1, args.rounds + 1):
+            if round_ > 1:
+                # The next round ingests the same messages into an empty usage log (the
+                # append-only log refuses TRUNCATE: the table is made anew).
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(
+                        sql.SQL("DROP TABLE {}.usage_events").format(sql.Identifier(schema))
+                    )
+            usage = UsageApplication(app.app_recorder.datastore, env=app.env)
+            print(f"round {round_} of {args.rounds}")
+            rate, per_commit, rows = ingest_round(args, bootstrap, topics, usage, service, url)
+            assert len(rows) == reports
+            copy_rate = raw_copy_rate(url, f"{schema}_copy", rows, per_commit)
             print(
-                f"         machine: {busy:.2f} of {os.cpu_count()} cores busy from the first "
-                "fetch to the last commit (every process, Postgres's too)"
+                f"raw COPY of {len(rows)} usage event rows, {per_commit} per transaction -> "
+                f"{copy_rate:,.0f} rows/s (ratio in this round {rate / copy_rate:.3f})"
             )
-        with psycopg.connect(url, autocommit=True) as conn:
-            rows = conn.execute(
-                sql.SQL(
-                    "SELECT originator_id, originator_version, topic, state FROM {}.usage_events "
-                    "ORDER BY notification_id"
-                ).format(sql.Identifier(schema))
-            ).fetchall()
+            rates.append(rate)
+            copy_rates.append(copy_rate)
         app.close()
-    assert len(rows) == reports
 
     verifies = verify_rate(messages, {node for _, node in leases})
     print(
@@ -463,20 +424,108 @@ def main() -> None:
         f"{1e6 / verifies * len(messages) / reports:.1f} us per event at "
         f"{reports / len(messages):.0f} reports per message)"
     )
-    copy_rate = raw_copy_rate(url, f"{schema}_copy", rows, per_commit)
-    print(
-        f"raw COPY of {len(rows)} usage event rows, {per_commit} per transaction -> "
-        f"{copy_rate:,.0f} rows/s"
-    )
     with psycopg.connect(url, autocommit=True) as conn:
         for name in (schema, f"{schema}_copy"):
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
     if server is not None:
         server.cleanup()
+    rate, copy_rate = statistics.median(rates), statistics.median(copy_rates)
+    if args.rounds > 1:
+        print(
+            f"medians of {args.rounds} rounds (ingest and raw COPY alternating): "
+            f"ingest {rate:,.0f} events/s (rounds: {', '.join(f'{r:,.0f}' for r in rates)}), "
+            f"raw COPY {copy_rate:,.0f} rows/s "
+            f"(rounds: {', '.join(f'{r:,.0f}' for r in copy_rates)})"
+        )
     print(
         f"RESULT events_per_s={rate:.0f} copy_rows_per_s={copy_rate:.0f} "
         f"ratio={rate / copy_rate:.3f}"
     )
+
+
+def ingest_round(
+    args: argparse.Namespace,
+    bootstrap: str,
+    topics: IngestTopics,
+    usage: UsageApplication,
+    service: m.Marketplace,
+    url: str,
+) -> tuple[float, int, list[tuple[Any, ...]]]:
+    """One ingest of every message on the topic by a new consumer group into the empty
+    usage log: its events per second (first fetch to last commit), the events per commit,
+    and the rows it stored (for the raw COPY)."""
+
+    async def run() -> Any:
+        ingest = Ingest(
+            bootstrap,
+            f"bench-{uuid.uuid4()}",
+            usage,
+            service,
+            topics=topics,
+            batch_records_max=args.batch_records_max,
+            batch_events_max=args.batch_events_max,
+            verify_threads=args.verify_threads,
+            decode_processes=args.decode_processes,
+        )
+        async with ingest:
+            return await ingest.run_until_caught_up(timeout_s=600)
+
+    cpu_started = time.process_time()
+    main_started = time.thread_time()
+    with MachineSampler() as machine:
+        stats = asyncio.run(run())
+    cpu_s = time.process_time() - cpu_started
+    main_cpu_s = time.thread_time() - main_started
+    assert stats.first_consumed_at is not None and stats.last_committed_at is not None
+    elapsed = stats.last_committed_at - stats.first_consumed_at
+    assert stats.dead_lettered == 0, stats.reasons
+    rate = stats.recorded / elapsed
+    per_commit = max(1, round(stats.recorded / stats.batches))
+    us = 1e6 / stats.recorded
+    print(
+        f"ingest   events committed={stats.recorded} from {stats.usage_messages} messages "
+        f"dead-lettered={stats.dead_lettered} in {elapsed:.2f}s -> {rate:,.0f} events/s "
+        f"(commits={stats.batches}, {per_commit} events each)"
+    )
+    print(
+        f"         wall time (s; us per event): fetch {stats.fetch_s:.2f} "
+        f"({us * stats.fetch_s:.1f}), decide {stats.decide_s:.2f} ({us * stats.decide_s:.1f})"
+        f" of it waiting for signatures {stats.verify_wait_s:.2f} "
+        f"({us * stats.verify_wait_s:.1f}) and for the decode processes "
+        f"{stats.decode_wait_s:.2f} ({us * stats.decode_wait_s:.1f}), dead letters "
+        f"{stats.dead_letter_s:.2f}, "
+        f"commit {stats.commit_s:.2f} ({us * stats.commit_s:.1f}; in a thread, beside the "
+        "next decide)"
+    )
+    print(
+        f"         CPU (s; us per event): decode processes (parse, validate, verify, "
+        f"canonical bytes, JSON states, COPY rows) {stats.decode_cpu_s:.2f} "
+        f"({us * stats.decode_cpu_s:.1f}); event loop: parse+take over "
+        f"{stats.parse_s:.2f} ({us * stats.parse_s:.1f}), rules {stats.rules_s:.2f} "
+        f"({us * stats.rules_s:.1f}); COPY+commit client side {stats.record_cpu_s:.2f} "
+        f"({us * stats.record_cpu_s:.1f})"
+    )
+    print(
+        f"         ingest process CPU {cpu_s:.1f}s ({us * cpu_s:.1f} us per event, group "
+        f"join included), of it the event loop's thread {main_cpu_s:.1f}s "
+        f"({us * main_cpu_s:.1f}); the rest: commit, decode-result and other threads; plus "
+        f"the decode processes' {stats.decode_cpu_s:.1f}s; load average "
+        f"{os.getloadavg()[0]:.2f}"
+    )
+    busy = machine.busy_cores(stats.first_consumed_at, stats.last_committed_at)
+    if busy is not None:
+        print(
+            f"         machine: {busy:.2f} of {os.cpu_count()} cores busy from the first "
+            "fetch to the last commit (every process, Postgres's and the broker's too)"
+        )
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT originator_id, originator_version, topic, state FROM {}.usage_events "
+                "ORDER BY notification_id"
+            ).format(sql.Identifier(usage.usage_recorder.datastore.schema))
+        ).fetchall()
+    return rate, per_commit, rows
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ Offsets are a tracking table, not events: their rows are updated in place.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -171,6 +171,12 @@ def _time(value: datetime) -> datetime | str:
     return value
 
 
+LeaseText = tuple[UUID, str, bytes, int]
+"""A validated lease id text's UUID, stored text (`str(UUID)`), bytes and integer."""
+TimeText = tuple[datetime, int, str]
+"""A validated time text's aware datetime, microseconds since the epoch and stored text
+(`time_text`)."""
+
 _LEASE_END = len(b'{"lease_id":"') + 36 + 1
 """Where the lease id's text ends in orjson's bytes of a report dict that starts with it."""
 
@@ -235,46 +241,78 @@ class ReportStates:
     def copy_rows_of_text(
         self,
         reports: Sequence[dict[str, Any]],
-        typed: Sequence[tuple[UUID, bytes, datetime, datetime]],
-    ) -> tuple[bytearray, list[int]]:
-        """`copy_rows` of reports whose lease id and times are already their stored text
-        (`str(UUID)`, and what orjson writes of the time: `time_text`), `typed[i]` being
-        report i's lease id (and its `UUID.bytes`) and times as objects (for a report the
-        codec writes otherwise)."""
+        lease_of: Callable[[str], LeaseText],
+        time_of: Callable[[str], TimeText],
+        leases: Mapping[str, LeaseText],
+        times: Mapping[str, TimeText],
+    ) -> tuple[bytearray, list[int], list[tuple[int, int, int, int, int, int, int]]]:
+        """`copy_rows` of reports whose lease id and times are text, in one pass with what
+        the usage rules need of each: the rows, where each ends, and per report (lease id's
+        integer, sequence, interval start and end in microseconds since the epoch,
+        gpu_count, wall_time_us, device_time_us) (`domain.usage.check_report`'s fields).
+
+        Each text is looked up in `leases` / `times` (a caller's cache of validated texts)
+        or else given to `lease_of` / `time_of` (which validate it, raising on a bad one);
+        a report's texts are rewritten in their stored form where they differ (`str(UUID)`,
+        `time_text`)."""
         out = bytearray()
         ends: list[int] = []
+        fields: list[tuple[int, int, int, int, int, int, int]] = []
         head, node, tail = self._head, self._node, self._tail
         fixed = len(head) + len(node) + len(tail) - 2
         prefix = _ROW_PREFIX.pack
+        topic_length, topic = _TOPIC_FIELDS
         dumps = orjson.dumps
         strict = orjson.OPT_STRICT_INTEGER
         # Per lease: the state's bytes up to its node id (the lease's text is 36 ASCII
         # characters: the lease id's text in `written` is the same bytes).
         heads: dict[str, bytes] = {}
-        for report, (lease_id, lease_bytes, start, end) in zip(reports, typed, strict=True):
+        for report in reports:
+            text = report["lease_id"]
+            lease = leases.get(text) or lease_of(text)
+            if lease[1] != text:
+                report["lease_id"] = lease[1]
+            text = report["interval_start"]
+            start = times.get(text) or time_of(text)
+            if start[2] != text:
+                report["interval_start"] = start[2]
+            text = report["interval_end"]
+            end = times.get(text) or time_of(text)
+            if end[2] != text:
+                report["interval_end"] = end[2]
+            sequence = report["sequence"]
+            fields.append(
+                (
+                    lease[3],
+                    sequence,
+                    start[1],
+                    end[1],
+                    report["gpu_count"],
+                    report["wall_time_us"],
+                    report["device_time_us"],
+                )
+            )
             try:
                 written = dumps(report, option=strict)
             except orjson.JSONEncodeError:  # an integer past 2**53: the codec writes a string
-                report = {
+                typed = {
                     **report,
-                    "lease_id": lease_id,
-                    "interval_start": start,
-                    "interval_end": end,
+                    "lease_id": lease[0],
+                    "interval_start": start[0],
+                    "interval_end": end[0],
                 }
-                out += copy_row(lease_bytes, report["sequence"], state_of(self.fact(report)))
+                out += copy_row(lease[2], sequence, state_of(self.fact(typed)))
                 ends.append(len(out))
                 continue
-            out += prefix(
-                4, 16, lease_bytes, 8, report["sequence"], *_TOPIC_FIELDS, fixed + len(written)
-            )
-            lease_head = heads.get(report["lease_id"])
+            out += prefix(4, 16, lease[2], 8, sequence, topic_length, topic, fixed + len(written))
+            lease_head = heads.get(lease[1])
             if lease_head is None:
-                lease_head = heads[report["lease_id"]] = head + written[1:_LEASE_END] + node
+                lease_head = heads[lease[1]] = head + written[1:_LEASE_END] + node
             out += lease_head
             out += written[_LEASE_END:-1]
             out += tail
             ends.append(len(out))
-        return out, ends
+        return out, ends, fields
 
     def fact(self, report: Mapping[str, Any]) -> UsageRecorded:
         """The fact `report` records (what `state` writes)."""

@@ -324,8 +324,10 @@ class _Fetched:
     """The decode processes' answers for the usage topic's records, in record order (empty
     without decode processes: decided in the event loop's thread)."""
     segments: list[SharedMemory | None] = field(default_factory=list)
-    """Per decode task, the shared-memory segment its rows are written into (None: they
-    come back through the pipe)."""
+    """Per decode task, the shared-memory segment its values and rows are written into
+    (None: they go through the pipe)."""
+    parts: list[list[tuple[bytes | None, int]]] = field(default_factory=list)
+    """Per decode task, its records (value, timestamp)."""
 
 
 @dataclass
@@ -579,27 +581,35 @@ class Ingest:
     async def step(self, timeout_ms: int = FETCH_TIMEOUT_MS) -> int:
         """Fetch a batch and hand it to the decode processes, then decide the oldest batch
         fetched before (decoded meanwhile) if DECODE_AHEAD are being decoded, and hand it
-        to the committer; returns the messages read (with nothing to read: those of the
-        batches decided, 0 when there was none)."""
+        to the committer; returns the messages read (with nothing new to read: those of
+        the oldest batch, decided then; 0 when there was none)."""
         consumer = self._require_consumer()
         max_records = max(
             1,
             min(self.batch_records_max, int(self.batch_events_max / self._reports_per_message)),
         )
+        queue = self._fetched
         fetching = time.perf_counter()
-        records = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        # With batches being decoded, only what the consumer already holds: when nothing
+        # more came, the oldest is decided now, not after a wait.
+        records = await consumer.getmany(
+            timeout_ms=0 if queue else timeout_ms, max_records=max_records
+        )
         started = time.perf_counter()
         if self._resetting:
             # Fetched while the positions were being reset: maybe from before the seek.
             records = await self._after_reset(records)
         if not records:
-            return await self._decide_fetched()
+            if not queue:
+                return 0
+            oldest = queue.popleft()
+            await self._process(oldest)
+            return oldest.consumed
         if self.stats.first_consumed_at is None:
             self.stats.first_consumed_at = started
         else:
             self.stats.fetch_s += started - fetching
         fetched = self._fetch(records)
-        queue = self._fetched
         queue.append(fetched)
         while len(queue) > DECODE_AHEAD:
             await self._process(queue.popleft())
@@ -629,6 +639,7 @@ class Ingest:
                 usage.extend((r.value, r.timestamp) for r in tp_records)
         decoding = []
         segments: list[SharedMemory | None] = []
+        parts: list[list[tuple[bytes | None, int]]] = []
         pool = self._decode_pool
         if pool is not None and usage:
             loop = asyncio.get_running_loop()
@@ -646,13 +657,41 @@ class Ingest:
                         key_hex = self._key_hex(node_id)
                         if key_hex is not None:
                             keys[node_id.int] = key_hex
-                segment = self._segments.acquire(ROWS_PER_VALUE_BYTE * size + 65_536)
+                segment = self._segments.acquire((1 + ROWS_PER_VALUE_BYTE) * size + 65_536)
                 segments.append(segment)
-                ref = None if segment is None else (segment.name, segment.size)
+                parts.append(part)
+                if segment is None:
+                    decoding.append(
+                        loop.run_in_executor(pool, decode_usage, usage_topic, part, keys)
+                    )
+                    continue
+                # The values go to the decode process through the segment too; its rows
+                # are written after them.
+                view = segment.buf
+                assert view is not None
+                spans = []
+                at = 0
+                for value, timestamp_ms in part:
+                    if value is None:
+                        spans.append((0, -1, timestamp_ms))
+                        continue
+                    end = at + len(value)
+                    view[at:end] = value
+                    spans.append((at, len(value), timestamp_ms))
+                    at = end
                 decoding.append(
-                    loop.run_in_executor(pool, decode_usage, usage_topic, part, keys, ref)
+                    loop.run_in_executor(
+                        pool,
+                        decode_usage,
+                        usage_topic,
+                        (),
+                        keys,
+                        (segment.name, segment.size),
+                        spans,
+                        at,
+                    )
                 )
-        return _Fetched(self._generation, records, offsets, consumed, decoding, segments)
+        return _Fetched(self._generation, records, offsets, consumed, decoding, segments, parts)
 
     async def _after_reset(
         self, records: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
@@ -744,7 +783,15 @@ class Ingest:
         answers = await asyncio.gather(*fetched.decoding)
         self.stats.decode_wait_s += time.perf_counter() - waiting
         decoded = []
-        for (part, cpu_s), segment in zip(answers, fetched.segments, strict=True):
+        for (part, cpu_s), segment, records in zip(
+            answers, fetched.segments, fetched.parts, strict=True
+        ):
+            if cpu_s < 0:  # the decode process could not map the segment: decoded here
+                parsing = time.thread_time()
+                part, _ = decode_usage(self.topics.usage.name, records)
+                self.stats.parse_s += time.thread_time() - parsing
+                decoded.extend(part)
+                continue
             self.stats.decode_cpu_s += cpu_s
             if segment is None:
                 decoded.extend(part)

@@ -59,6 +59,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, NamedTuple, NotRequired, TypeVar
 from uuid import UUID
@@ -77,7 +78,7 @@ from typing_extensions import TypedDict
 
 from domain.usage import RejectReason as RejectReason
 from domain.usage import epoch_us
-from ledger.usage import ReportStates, time_text
+from ledger.usage import LeaseText, ReportStates, TimeText, time_text
 from workers.segments import SegmentRef, attach
 from workers.signing import canonical_bytes, public_key, verify_bytes
 
@@ -492,41 +493,71 @@ def decode_usage(
     records: Seq[tuple[bytes | None, int]],
     keys: Mapping[int, str] | None = None,
     segment: SegmentRef | None = None,
+    spans: Seq[tuple[int, int, int]] | None = None,
+    rows_from: int = 0,
 ) -> tuple[list[DecodedUsage | UsageRejection], float]:
     """Each usage-topic record (value, timestamp in ms) decoded (`decode_usage_value`) or
     rejected, and the CPU seconds it took. Ingest runs it in a process of its own.
 
     `keys` (node id's integer -> the public key the marketplace registered for it, hex):
-    the signature of a message from one of those nodes is checked here (`verified`, `key`)
-    and what it covers is not sent back. `segment` (`workers.segments`): the rows are
-    written there, as many as fit, instead of being sent back."""
-    started = time.thread_time()
-    out: list[DecodedUsage | UsageRejection] = []
+    the signature of a message from one of those nodes is checked here, in a thread beside
+    the decoding (`verified`, `key`), and what it covers is not sent back. `segment`
+    (`workers.segments`): the rows are written there from `rows_from` on, as many as fit,
+    instead of being sent back. `spans`: the records are in the segment instead, each as
+    (where its value starts, its length (-1: no value), its timestamp); where the segment
+    cannot be mapped here the answer is ``([], -1.0)``: the caller decodes them itself."""
+    started = time.process_time()
     mapped = None if segment is None else attach(segment)
+    values: Iterable[tuple[bytes | None, int]] = records
+    if spans is not None:
+        if mapped is None:
+            return [], -1.0
+        values = (
+            (None if length < 0 else mapped[at : at + length], timestamp_ms)
+            for at, length, timestamp_ms in spans
+        )
+    out: list[DecodedUsage | UsageRejection] = []
+    checks: list[tuple[int, Future[bool]]] = []
     free = 0 if mapped is None else len(mapped)
-    at = 0
-    for value, timestamp_ms in records:
+    at = rows_from
+    for value, timestamp_ms in values:
         try:
             decoded = decode_usage_value(topic, value, timestamp_ms)
         except MessageRejectedError as e:
             out.append((e.reason.value, e.detail))
             continue
         key_hex = None if keys is None else keys.get(decoded.node)
-        if key_hex is not None:
-            key = public_key(key_hex)
-            if key is not None:
-                decoded = decoded._replace(
-                    signed=b"",
-                    verified=verify_bytes(key, decoded.signed, decoded.signature),
-                    key=key_hex,
+        key = None if key_hex is None else public_key(key_hex)
+        if key is not None:
+            checks.append(
+                (
+                    len(out),
+                    _verify_pool().submit(verify_bytes, key, decoded.signed, decoded.signature),
                 )
+            )
         size = len(decoded.rows)
         if mapped is not None and size <= free - at:
             mapped[at : at + size] = decoded.rows
             decoded = decoded._replace(rows=b"", rows_at=at)
             at += size
         out.append(decoded)
-    return out, time.thread_time() - started
+    for index, check in checks:
+        answer = out[index]
+        assert isinstance(answer, DecodedUsage) and keys is not None
+        out[index] = answer._replace(signed=b"", verified=check.result(), key=keys[answer.node])
+    return out, time.process_time() - started
+
+
+_verifier: ThreadPoolExecutor | None = None
+
+
+def _verify_pool() -> ThreadPoolExecutor:
+    """A decode process's signature thread (cryptography releases the GIL while it
+    verifies: signatures are checked while the next messages are decoded)."""
+    global _verifier
+    if _verifier is None:
+        _verifier = ThreadPoolExecutor(1, thread_name_prefix="verify")
+    return _verifier
 
 
 def node_id_text(value: bytes) -> bytes | None:
@@ -541,23 +572,24 @@ def node_id_text(value: bytes) -> bytes | None:
 
 TEXTS_CACHED_MAX = 1 << 16
 """Most lease ids and times (each) a decode process keeps validated, by their text."""
-_uuids: dict[str, tuple[UUID, str, bytes]] = {}
-_times: dict[str, tuple[datetime, int, str]] = {}
+_uuids: dict[str, LeaseText] = {}
+_times: dict[str, TimeText] = {}
 
 
-def _uuid(text: str) -> tuple[UUID, str, bytes]:
+def _uuid(text: str) -> LeaseText:
     """The UUID of `text` (pydantic's UUID validator: ValidationError when it is not one),
-    its stored text (`str(UUID)`) and its bytes; validated once per distinct text."""
+    its stored text (`str(UUID)`), its bytes and its integer; validated once per distinct
+    text."""
     entry = _uuids.get(text)
     if entry is None:
         value = _UUID_ADAPTER.validate_python(text)
         if len(_uuids) >= TEXTS_CACHED_MAX:
             _uuids.clear()
-        entry = _uuids[text] = (value, str(value), value.bytes)
+        entry = _uuids[text] = (value, str(value), value.bytes, value.int)
     return entry
 
 
-def _aware_time(text: str) -> tuple[datetime, int, str]:
+def _aware_time(text: str) -> TimeText:
     """The aware time of `text` (pydantic's AwareDatetime validator: ValidationError when it
     is not one), as microseconds since the epoch and as its stored text (`time_text`);
     validated once per distinct text."""
@@ -606,37 +638,8 @@ def _decode_text(value: bytes, timestamp_ms: int) -> DecodedUsage | None:
     except orjson.JSONEncodeError:  # text orjson does not write (a lone surrogate)
         return None
     node_id = _uuid(node_text)[0]
-    typed: list[tuple[UUID, bytes, datetime, datetime]] = []
-    fields: list[tuple[int, int, int, int, int, int, int]] = []
-    uuids = _uuids
-    times = _times
-    for r in reports:
-        text = r["lease_id"]
-        lease = uuids.get(text) or _uuid(text)
-        if lease[1] != text:
-            r["lease_id"] = lease[1]
-        text = r["interval_start"]
-        start = times.get(text) or _aware_time(text)
-        if start[2] != text:
-            r["interval_start"] = start[2]
-        text = r["interval_end"]
-        end = times.get(text) or _aware_time(text)
-        if end[2] != text:
-            r["interval_end"] = end[2]
-        typed.append((lease[0], lease[2], start[0], end[0]))
-        fields.append(
-            (
-                lease[0].int,
-                r["sequence"],
-                start[1],
-                end[1],
-                r["gpu_count"],
-                r["wall_time_us"],
-                r["device_time_us"],
-            )
-        )
     states = ReportStates(message_id, node_id, _received_at(timestamp_ms))
-    rows, ends = states.copy_rows_of_text(reports, typed)
+    rows, ends, fields = states.copy_rows_of_text(reports, _uuid, _aware_time, _uuids, _times)
     return DecodedUsage(
         message_id.int,
         node_id.int,
