@@ -171,6 +171,12 @@ def _time(value: datetime) -> datetime | str:
     return value
 
 
+RULE_FIELDS = struct.Struct("<IQqqIQQ")
+"""What the usage rules read of a report (`domain.usage.check_report`), packed: the index
+of its lease among its message's leases, sequence, interval start and end (microseconds
+since the epoch), gpu_count, wall_time_us, device_time_us (little-endian; counters up to
+2**64-1, as the fast path of decoding admits them)."""
+
 LeaseText = tuple[UUID, str, bytes, int]
 """A validated lease id text's UUID, stored text (`str(UUID)`), bytes and integer."""
 TimeText = tuple[datetime, int, str]
@@ -245,11 +251,11 @@ class ReportStates:
         time_of: Callable[[str], TimeText],
         leases: Mapping[str, LeaseText],
         times: Mapping[str, TimeText],
-    ) -> tuple[bytearray, list[int], list[tuple[int, int, int, int, int, int, int]]]:
+    ) -> tuple[bytearray, list[int], bytearray, list[int]]:
         """`copy_rows` of reports whose lease id and times are text, in one pass with what
-        the usage rules need of each: the rows, where each ends, and per report (lease id's
-        integer, sequence, interval start and end in microseconds since the epoch,
-        gpu_count, wall_time_us, device_time_us) (`domain.usage.check_report`'s fields).
+        the usage rules need of each: the rows, where each ends, the reports' `RULE_FIELDS`
+        packed one after the other, and the integers of the leases those index (each
+        lease once, in order of appearance).
 
         Each text is looked up in `leases` / `times` (a caller's cache of validated texts)
         or else given to `lease_of` / `time_of` (which validate it, raising on a bad one);
@@ -257,21 +263,29 @@ class ReportStates:
         `time_text`)."""
         out = bytearray()
         ends: list[int] = []
-        fields: list[tuple[int, int, int, int, int, int, int]] = []
+        fields = bytearray()
+        lease_ints: list[int] = []
         head, node, tail = self._head, self._node, self._tail
         fixed = len(head) + len(node) + len(tail) - 2
         prefix = _ROW_PREFIX.pack
+        pack_fields = RULE_FIELDS.pack
         topic_length, topic = _TOPIC_FIELDS
         dumps = orjson.dumps
         strict = orjson.OPT_STRICT_INTEGER
-        # Per lease: the state's bytes up to its node id (the lease's text is 36 ASCII
-        # characters: the lease id's text in `written` is the same bytes).
-        heads: dict[str, bytes] = {}
+        # Per lease: its index in `lease_ints` and the state's bytes up to its node id.
+        heads: dict[str, tuple[int, bytes]] = {}
         for report in reports:
             text = report["lease_id"]
             lease = leases.get(text) or lease_of(text)
             if lease[1] != text:
-                report["lease_id"] = lease[1]
+                report["lease_id"] = text = lease[1]
+            seen = heads.get(text)
+            if seen is None:
+                seen = heads[text] = (
+                    len(lease_ints),
+                    head + b'"lease_id":"' + text.encode() + b'"' + node,
+                )
+                lease_ints.append(lease[3])
             text = report["interval_start"]
             start = times.get(text) or time_of(text)
             if start[2] != text:
@@ -281,16 +295,14 @@ class ReportStates:
             if end[2] != text:
                 report["interval_end"] = end[2]
             sequence = report["sequence"]
-            fields.append(
-                (
-                    lease[3],
-                    sequence,
-                    start[1],
-                    end[1],
-                    report["gpu_count"],
-                    report["wall_time_us"],
-                    report["device_time_us"],
-                )
+            fields += pack_fields(
+                seen[0],
+                sequence,
+                start[1],
+                end[1],
+                report["gpu_count"],
+                report["wall_time_us"],
+                report["device_time_us"],
             )
             try:
                 written = dumps(report, option=strict)
@@ -305,14 +317,11 @@ class ReportStates:
                 ends.append(len(out))
                 continue
             out += prefix(4, 16, lease[2], 8, sequence, topic_length, topic, fixed + len(written))
-            lease_head = heads.get(lease[1])
-            if lease_head is None:
-                lease_head = heads[lease[1]] = head + written[1:_LEASE_END] + node
-            out += lease_head
+            out += seen[1]
             out += written[_LEASE_END:-1]
             out += tail
             ends.append(len(out))
-        return out, ends, fields
+        return out, ends, fields, lease_ints
 
     def fact(self, report: Mapping[str, Any]) -> UsageRecorded:
         """The fact `report` records (what `state` writes)."""

@@ -91,7 +91,7 @@ from domain.usage import (
 )
 from domain.verdicts import FailureKind, Verdict
 from ledger.market.service import MarketError, Marketplace, RecordHeartbeat, SubmitVerdict
-from ledger.usage import OffsetAdvance, UsageApplication, UsageConflictError
+from ledger.usage import RULE_FIELDS, OffsetAdvance, UsageApplication, UsageConflictError
 from workers import messages
 from workers.broker import DEAD_LETTER, HEARTBEATS, USAGE, VERDICTS, Topic, embedded_broker
 from workers.messages import (
@@ -271,8 +271,11 @@ class _Pending:
     """The signing node (None: a verdict, which is not signed)."""
     report: HeartbeatReport | VerdictReport | None = None
     """A heartbeat or a verdict (None: usage)."""
-    usage: Sequence[tuple[int, int, int, int, int, int, int]] = ()
-    """The usage reports' rule fields (`messages.DecodedUsage.reports`)."""
+    usage: bytes | bytearray | list[tuple[int, int, int, int, int, int, int]] = b""
+    """The usage reports' rule fields (`messages.DecodedUsage.reports`: packed
+    `RULE_FIELDS`, or tuples)."""
+    leases: Sequence[int] = ()
+    """The leases (`UUID.int`) the fields' lease indexes point at."""
     rows: bytes | bytearray | memoryview = b""
     """The usage reports' events (`messages.DecodedUsage.rows`, or a view of them in a
     shared-memory segment)."""
@@ -860,6 +863,7 @@ class Ingest:
                         envelope_id,
                         node_id,
                         usage=answer.reports,
+                        leases=answer.leases,
                         rows=answer.rows,
                         ends=answer.ends,
                         batched=answer.batched,
@@ -868,8 +872,8 @@ class Ingest:
                         verified=verified,
                     )
                     usage_messages += 1
-                    usage_reports += len(answer.reports)
-                    current_reports += len(answer.reports)
+                    usage_reports += len(answer.ends)
+                    current_reports += len(answer.ends)
                 else:
                     try:
                         pending = self._parse(record)
@@ -891,7 +895,7 @@ class Ingest:
             self.stats.usage_messages += usage_messages
             self.stats.usage_reports += usage_reports
         await self._load_last_usage(
-            {r[0] for chunk in chunks for p in chunk.pending for r in p.usage}
+            {key for chunk in chunks for p in chunk.pending for key in p.leases}
         )
         for chunk in chunks:
             await self._finish_verify(batch, chunk, now)
@@ -899,7 +903,7 @@ class Ingest:
             for p in chunk.pending:
                 if not p.verified:
                     continue
-                if p.usage:
+                if p.report is None:
                     self._decide_usage(batch, p, now)
                 else:
                     self.stats.rules_s += time.thread_time() - deciding
@@ -1063,9 +1067,12 @@ class Ingest:
         rules = self.rules
         latest_end_us = epoch_us(now) + rules.future_tolerance_s * 1_000_000
         refused: list[int] = []
-        for index, (key, sequence, start_us, end_us, gpus, wall_us, device_us) in enumerate(
-            p.usage
+        usage = p.usage
+        lease_keys = p.leases
+        for index, (li, sequence, start_us, end_us, gpus, wall_us, device_us) in enumerate(
+            RULE_FIELDS.iter_unpack(usage) if isinstance(usage, bytes | bytearray) else usage
         ):
+            key = lease_keys[li]
             lease = leases.get(key)
             if lease is None:
                 lease = self._lease(batch, key)

@@ -55,6 +55,7 @@ or past 2**64-1...) goes the full path above, which gives the reason and the det
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -78,7 +79,7 @@ from typing_extensions import TypedDict
 
 from domain.usage import RejectReason as RejectReason
 from domain.usage import epoch_us
-from ledger.usage import LeaseText, ReportStates, TimeText, time_text
+from ledger.usage import RULE_FIELDS, LeaseText, ReportStates, TimeText, time_text
 from workers.segments import SegmentRef, attach
 from workers.signing import canonical_bytes, public_key, verify_bytes
 
@@ -443,16 +444,20 @@ class DecodedUsage(NamedTuple):
     where the signature was checked in the decode process (`verified`)."""
     signature: bytes
     """The signature's 64 bytes."""
-    reports: list[tuple[int, int, int, int, int, int, int]]
-    """Per report, in order: (lease id's integer, sequence, interval start, interval end
-    (microseconds since the Unix epoch, `domain.usage.epoch_us`), gpu_count, wall_time_us,
-    device_time_us): `domain.usage.check_report`'s arguments."""
+    reports: bytes | bytearray | list[tuple[int, int, int, int, int, int, int]]
+    """Per report, in order, what the rules read (`domain.usage.check_report`): its
+    `ledger.usage.RULE_FIELDS` packed one after the other (or, where a counter is past
+    what they hold, as tuples of the same integers): the index of its lease in `leases`,
+    sequence, interval start and end (microseconds since the Unix epoch,
+    `domain.usage.epoch_us`), gpu_count, wall_time_us, device_time_us."""
     rows: bytes | bytearray | memoryview
     """The reports' usage events (envelope id, node id and receive time spliced in), one
     after the other: `ledger.usage.ReportStates.copy_rows`; empty where they were written
     into the task's shared-memory segment, at `rows_at`."""
     ends: list[int]
     """Where each report's row ends in `rows` (or after `rows_at` in the segment)."""
+    leases: list[int]
+    """The integers (`UUID.int`) of the leases the reports are for, each once."""
     verified: bool | None = None
     """Whether the node's key `key` signed `signed` (checked in the decode process); None
     where no key was given for the node: `signed` is then for the ingest process to check."""
@@ -639,7 +644,9 @@ def _decode_text(value: bytes, timestamp_ms: int) -> DecodedUsage | None:
         return None
     node_id = _uuid(node_text)[0]
     states = ReportStates(message_id, node_id, _received_at(timestamp_ms))
-    rows, ends, fields = states.copy_rows_of_text(reports, _uuid, _aware_time, _uuids, _times)
+    rows, ends, fields, leases = states.copy_rows_of_text(
+        reports, _uuid, _aware_time, _uuids, _times
+    )
     return DecodedUsage(
         message_id.int,
         node_id.int,
@@ -649,6 +656,7 @@ def _decode_text(value: bytes, timestamp_ms: int) -> DecodedUsage | None:
         fields,
         rows,
         ends,
+        leases,
     )
 
 
@@ -690,9 +698,10 @@ def decode_usage_value(topic: str, value: bytes | None, timestamp_ms: int) -> De
             RejectReason.unsigned, f"message {envelope.id} from node {node_id}"
         )
     rows, ends = ReportStates(envelope.id, node_id, _received_at(timestamp_ms)).copy_rows(reports)
+    index: dict[int, int] = {}
     fields = [
         (
-            r["lease_id"].int,
+            index.setdefault(r["lease_id"].int, len(index)),
             r["sequence"],
             epoch_us(r["interval_start"]),
             epoch_us(r["interval_end"]),
@@ -702,13 +711,19 @@ def decode_usage_value(topic: str, value: bytes | None, timestamp_ms: int) -> De
         )
         for r in reports
     ]
+    packed: bytes | list[tuple[int, int, int, int, int, int, int]]
+    try:
+        packed = b"".join(RULE_FIELDS.pack(*f) for f in fields)
+    except struct.error:  # a counter past 2**64-1: the rules refuse it, with its value
+        packed = fields
     return DecodedUsage(
         envelope.id.int,
         node_id.int,
         batched,
         canonical_bytes(envelope.data),
         bytes.fromhex(signature),
-        fields,
+        packed,
         rows,
         ends,
+        list(index),
     )
