@@ -839,25 +839,17 @@ class Ingest:
                         self._dead_letter(batch, record, RejectReason(reason), detail, now)
                         continue
                     envelope_id, node_id = UUID(int=answer.envelope), UUID(int=answer.node)
-                    signed, verified = answer.signed, False
-                    if answer.verified is not None:
-                        # Checked in the decode process, against the key given it: valid
-                        # if that is still the node's key (else checked again here).
-                        if self._key_hex(node_id) == answer.key:
-                            if not answer.verified:
-                                self._dead_letter(
-                                    batch,
-                                    record,
-                                    RejectReason.signature_invalid,
-                                    f"message {envelope_id}: not signed by node {node_id}'s key",
-                                    now,
-                                )
-                                continue
-                            verified = True
-                        else:
-                            signed = decode_usage_value(
-                                usage_topic, record.value, record.timestamp
-                            ).signed
+                    checked = self._checked_signature(answer, record)
+                    if checked is None:
+                        self._dead_letter(
+                            batch,
+                            record,
+                            RejectReason.signature_invalid,
+                            f"message {envelope_id}: not signed by node {node_id}'s key",
+                            now,
+                        )
+                        continue
+                    signed, verified = checked
                     pending = _Pending(
                         record,
                         envelope_id,
@@ -1005,6 +997,21 @@ class Ingest:
             if key is not None:
                 keys[node_id] = key
         return keys
+
+    def _checked_signature(
+        self, answer: DecodedUsage, record: ConsumerRecord[Any, Any]
+    ) -> tuple[bytes, bool] | None:
+        """What a decode process found of a usage message's signature: (what it covers,
+        True) where it checked it against the key the node still has; None where that key
+        did not sign it; (what it covers, False) where it is for this process to check (no
+        key was given, or the node's key changed since: the bytes are made again here)."""
+        if answer.verified is None:
+            return answer.signed, False
+        if self._key_hex(UUID(int=answer.node)) != answer.key:
+            return decode_usage_value(
+                self.topics.usage.name, record.value, record.timestamp
+            ).signed, False
+        return (answer.signed, True) if answer.verified else None
 
     def _key_hex(self, node_id: UUID) -> str | None:
         """The public key (hex) the marketplace registered for the node, if it has one that

@@ -17,6 +17,7 @@ from uuid import UUID, uuid4
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 
 from ledger.market.service import Marketplace
 from ledger.usage import UsageApplication, state_of
@@ -35,7 +36,16 @@ from tests.integration.test_ingest import (  # noqa: F401 (the fixtures)
 )
 from tests.market import Market, uid
 from workers.gpu_worker import NodeReporter
-from workers.messages import BATCH_REPORTS_MAX, MESSAGE_BYTES_MAX, USAGE_BATCH_TYPE, UsageReport
+from workers.ingest import Ingest
+from workers.messages import (
+    BATCH_REPORTS_MAX,
+    MESSAGE_BYTES_MAX,
+    USAGE_BATCH_TYPE,
+    DecodedUsage,
+    UsageReport,
+    decode_usage,
+)
+from workers.signing import canonical_bytes, public_key, verify_bytes
 
 
 def report(lease_id: UUID, sequence: int, start: datetime, length_s: int = 10, **changes: Any):
@@ -211,3 +221,43 @@ def test_batches_are_verified_whole_and_decided_report_by_report(
         for n in usage.recorder.select_notifications(start=1, limit=100)
     ]:
         assert stored_state == state_of(facts[(lease_id, sequence)])
+
+
+def test_a_signature_checked_in_a_decode_process_counts_only_under_the_nodes_key_now(
+    market, usage, ingest_service
+):
+    """The ingest process hands a decode process the node's key as of the fetch; at the
+    decision the verdict counts only if that is still the node's key (a stale one: the
+    signed bytes are made again and checked here, against the key the node has now)."""
+    (lease_id,) = open_leases(market, "p-keys", "n-keys", 1)
+    ingest_service.refresh()
+    ingest = Ingest("127.0.0.1:9", "g-keys", usage, ingest_service)
+    topic = ingest.topics.usage.name
+    start = market.clock.now
+
+    def record(value: bytes) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(
+            topic, 0, 0, 1_764_590_400_000, 0, b"k", value, None, 1, len(value), []
+        )
+
+    def decoded(value: bytes, key_of: str | None) -> DecodedUsage:
+        keys = None if key_of is None else {uid("n-keys").int: node_key(key_of).public_key_hex}
+        (answer,), _ = decode_usage(topic, [(value, 1_764_590_400_000)], keys)
+        assert isinstance(answer, DecodedUsage)
+        return answer
+
+    genuine = batch_value("n-keys", [report(lease_id, 1, start)])
+    forged = batch_value("n-keys", [report(lease_id, 1, start)], signer="someone-else")
+    covered = canonical_bytes(orjson.loads(genuine)["data"])
+    # Checked there against the node's key: taken as it is.
+    assert ingest._checked_signature(decoded(genuine, "n-keys"), record(genuine)) == (b"", True)
+    assert ingest._checked_signature(decoded(forged, "n-keys"), record(forged)) is None
+    # No key given: the bytes come back, for this process to check.
+    assert ingest._checked_signature(decoded(genuine, None), record(genuine)) == (covered, False)
+    # Checked against a key the node no longer has (signed by it, and so "valid" there):
+    # not taken; checked again here, where the node's key refuses it.
+    stale = decoded(forged, "someone-else")
+    assert stale.verified is True
+    signed, verified = ingest._checked_signature(stale, record(forged)) or (b"", True)
+    assert not verified and signed == canonical_bytes(orjson.loads(forged)["data"])
+    assert not verify_bytes(public_key(node_key("n-keys").public_key_hex), signed, stale.signature)
