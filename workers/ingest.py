@@ -1076,6 +1076,7 @@ class Ingest:
         refused: list[int] = []
         usage = p.usage
         lease_keys = p.leases
+        new_last = tuple.__new__  # a LastUsage without its Python-level __new__
         for index, (li, sequence, start_us, end_us, gpus, wall_us, device_us) in enumerate(
             RULE_FIELDS.iter_unpack(usage) if isinstance(usage, bytes | bytearray) else usage
         ):
@@ -1102,7 +1103,7 @@ class Ingest:
                 self._reject_report(batch, p, index, rejected.reason, rejected.detail, now)
                 refused.append(index)
                 continue
-            last_of[key] = LastUsage(sequence, envelope, end_us)
+            last_of[key] = new_last(LastUsage, (sequence, envelope, end_us))
         ends = p.ends
         batch.events += len(ends) - len(refused)
         if not refused:
