@@ -7,12 +7,20 @@ BATCH_RECORDS_MAX records):
 1. every message is decoded (`workers.messages.decode_envelope`: oversized, malformed),
    routed by its type (a type the topic does not carry is `unknown_type`; the usage topic
    carries single reports, ``aether.usage.v1``, and node batches, ``aether.usage_batch.v1``)
-   and its payload validated (malformed; a batch's reports in one pydantic-core call);
+   and its payload validated (malformed; a batch's reports in one pydantic-core call).
+   Usage messages are decoded in a decode process (DECODE_PROCESSES), DECODE_AHEAD batches
+   ahead of the one being decided: the messages go there, and their events (binary COPY
+   rows) come back, through a shared-memory segment this process owns
+   (`workers.segments`; the pipe where there is none), the rules' fields packed;
 2. usage messages (a batch as a whole) and heartbeats must be signed (`unsigned`), by the
    key registered for the reporting node (`signature_invalid`; an unregistered node's
    message cannot be verified either). The nodes' keys are loaded once and kept
-   (`workers.signing.public_key`); signatures are verified in a thread pool
-   (VERIFY_THREADS; the verifier releases the GIL) while the next messages are parsed;
+   (`workers.signing.public_key`). A usage message's signature is checked in the decode
+   process, against the key this process hands it for the node (read off the message's
+   bytes, `messages.node_id_text`); the verdict counts only if that is still the node's
+   key when the batch is decided, else (and for heartbeats, and nodes without a key
+   then) it is checked here, in a thread pool (VERIFY_THREADS; the verifier releases the
+   GIL);
 3. each usage report (each report of a verified batch on its own) is decided by
    `domain.usage.check_report` against the marketplace's lease and the lease's last
    recorded report (read from the store once per lease, then kept in memory); a lease or

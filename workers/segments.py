@@ -12,8 +12,11 @@ that holds its rows has committed or been dropped; a task's segment is never wri
 before then. A decode process attaches by name (`attach`) without registering the segment
 with the tracker (it does not own it) and keeps the few it has seen mapped.
 
-Everything degrades to the pipe: where shared memory cannot be had (no /dev/shm, a full
-one), or a segment is too small for a task's rows, the rows travel pickled, as before.
+Everything degrades to the pipe: where shared memory cannot be had (no /dev/shm, or no room
+in it for a new segment's pages, which are allocated when it is made so that a full one
+cannot fault a write later), or a segment is too small for a task's rows, the values and
+rows travel pickled. A container's /dev/shm is 64 MB unless set (ops/compose.yaml gives
+ingest more); a segment is at least SEGMENT_BYTES_MIN.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ log = logging.getLogger(__name__)
 
 SEGMENT_BYTES_MIN = 8 << 20
 """Smallest segment made (a batch of 8,192 events needs about 4.6 MB of rows)."""
-SEGMENTS_FREE_MAX = 8
-"""Most idle segments kept for reuse; beyond, a returned one is removed."""
+SEGMENTS_FREE_MAX = 4
+"""Most idle segments kept for reuse; beyond, a returned one is removed (in use at once:
+about DECODE_AHEAD + 2 per decode process)."""
 ATTACHED_MAX = 16
 """Most segments a decode process keeps mapped (the ingest process makes few: they are
 reused)."""
@@ -66,6 +70,20 @@ class Segments:
             self._broken = True
             log.warning("no shared memory for decoded rows (%s): they travel through the pipe", e)
             return None
+        try:
+            _reserve(segment)
+        except OSError as e:
+            # A full /dev/shm (a container's is 64 MB by default): the segment's pages
+            # would fault (SIGBUS) when written. Not used; the pipe instead.
+            _remove(segment)
+            self._broken = True
+            log.warning(
+                "no room in shared memory for %d bytes of decoded rows (%s): they travel "
+                "through the pipe",
+                capacity,
+                e,
+            )
+            return None
         self._used[segment.name] = segment
         return segment
 
@@ -88,6 +106,18 @@ class Segments:
     @property
     def in_use(self) -> int:
         return len(self._used)
+
+
+def _reserve(segment: SharedMemory) -> None:
+    """Allocate the segment's pages now (OSError when shared memory has no room for them),
+    so that writing it later cannot fault."""
+    import _posixshmem
+
+    fd = _posixshmem.shm_open("/" + segment.name, os.O_RDWR, mode=0o600)
+    try:
+        os.posix_fallocate(fd, 0, segment.size)
+    finally:
+        os.close(fd)
 
 
 def _remove(segment: SharedMemory) -> None:
