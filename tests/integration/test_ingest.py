@@ -52,7 +52,7 @@ from ledger.usage import (
 )
 from tests.market import Clock, Market, build_market, uid
 from workers.broker import Topic, create_topics, embedded_broker, free_port
-from workers.ingest import Ingest, IngestStats, IngestTopics
+from workers.ingest import DECODE_PROCESSES, Ingest, IngestStats, IngestTopics
 from workers.messages import (
     HEARTBEAT_TYPE,
     MESSAGE_BYTES_MAX,
@@ -276,7 +276,12 @@ def ingest_service(ledger_env: dict[str, str], market: Market) -> Iterator[Marke
 
 
 def run_ingest(
-    kafka: Kafka, group_id: str, usage: UsageApplication, service: Marketplace, clock: Clock
+    kafka: Kafka,
+    group_id: str,
+    usage: UsageApplication,
+    service: Marketplace,
+    clock: Clock,
+    decode_processes: int = DECODE_PROCESSES,
 ) -> IngestStats:
     async def go() -> IngestStats:
         ingest = Ingest(
@@ -287,6 +292,7 @@ def run_ingest(
             topics=kafka.topics,
             clock=clock,
             session_timeout_ms=SESSION_TIMEOUT_MS,
+            decode_processes=decode_processes,
         )
         async with ingest:
             return await ingest.run_until_caught_up(timeout_s=JOIN_TIMEOUT_S)

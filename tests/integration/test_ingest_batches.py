@@ -16,6 +16,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
@@ -128,9 +129,16 @@ async def send_with_reporter(
         await producer.stop()
 
 
+@pytest.mark.parametrize("decode_processes", [1, 0], ids=["decode-process", "in-loop"])
 def test_batches_are_verified_whole_and_decided_report_by_report(
-    kafka: Kafka, market: Market, usage: UsageApplication, ingest_service: Marketplace
+    kafka: Kafka,
+    market: Market,
+    usage: UsageApplication,
+    ingest_service: Marketplace,
+    decode_processes: int,
 ) -> None:
+    """Through a decode process (signatures checked there, rows through shared memory) and
+    without one (all in the event loop's thread): the same events and dead letters."""
     start = market.clock.now
     l1, l2 = open_leases(market, "p1", "n1", 2)
     l3, l4, l5 = open_leases(market, "p2", "n2", 3)
@@ -176,7 +184,7 @@ def test_batches_are_verified_whole_and_decided_report_by_report(
     reporter = asyncio.run(send_with_reporter(kafka, "n2", [l3, l4, l5], start))
     assert (reporter.batches_sent, reporter.reports_sent) == (2, 6)
 
-    stats = run_ingest(kafka, f"g-{uuid4()}", usage, ingest_service, market.clock)
+    stats = run_ingest(kafka, f"g-{uuid4()}", usage, ingest_service, market.clock, decode_processes)
 
     stored = sorted((str(lease), seq) for lease, seq, _ in stored_rows(usage))
     expected = [(l1, s) for s in (1, 2, 3)] + [(l2, s) for s in (1, 2, 3)] + [(l6, 1)]
