@@ -115,7 +115,6 @@ from workers.messages import (
     UsageRejection,
     VerdictReport,
     decode_usage,
-    decode_usage_value,
     decode_worker_init,
     node_id_text,
 )
@@ -320,6 +319,9 @@ class _Batch:
     whenever the marketplace state may have changed (a command, a refresh)."""
     segments: list[SharedMemory] = field(default_factory=list)
     """The shared-memory segments `rows` views, given back once the batch committed."""
+    keys: dict[int, str | None] = field(default_factory=dict)
+    """The nodes' registered keys (hex) looked up in this batch (by the id's integer),
+    forgotten with `leases`."""
 
 
 @dataclass
@@ -847,7 +849,7 @@ class Ingest:
                         self._dead_letter(batch, record, RejectReason(reason), detail, now)
                         continue
                     envelope_id, node_id = UUID(int=answer.envelope), UUID(int=answer.node)
-                    checked = self._checked_signature(answer, record)
+                    checked = self._checked_signature(batch, answer, record)
                     if checked is None:
                         self._dead_letter(
                             batch,
@@ -1007,7 +1009,7 @@ class Ingest:
         return keys
 
     def _checked_signature(
-        self, answer: DecodedUsage, record: ConsumerRecord[Any, Any]
+        self, batch: _Batch, answer: DecodedUsage, record: ConsumerRecord[Any, Any]
     ) -> tuple[bytes, bool] | None:
         """What a decode process found of a usage message's signature: (what it covers,
         True) where it checked it against the key the node still has; None where that key
@@ -1015,10 +1017,11 @@ class Ingest:
         key was given, or the node's key changed since: the bytes are made again here)."""
         if answer.verified is None:
             return answer.signed, False
-        if self._key_hex(UUID(int=answer.node)) != answer.key:
-            return decode_usage_value(
-                self.topics.usage.name, record.value, record.timestamp
-            ).signed, False
+        keys = batch.keys
+        if answer.node not in keys:
+            keys[answer.node] = self._key_hex(UUID(int=answer.node))
+        if keys[answer.node] != answer.key:
+            return canonical_bytes(messages.decode_envelope(record.value).data), False
         return (answer.signed, True) if answer.verified else None
 
     def _key_hex(self, node_id: UUID) -> str | None:
@@ -1053,6 +1056,7 @@ class Ingest:
         per batch: unknown ids in a flood of bad messages cost one indexed read each batch)."""
         batch.refreshed = True
         batch.leases.clear()
+        batch.keys.clear()
         # The service has no public read-only catch-up: the one `handle` starts with.
         self.market.refresh()
 
@@ -1185,6 +1189,7 @@ class Ingest:
                 ),
             )
         batch.leases.clear()
+        batch.keys.clear()
         try:
             await asyncio.to_thread(self.market.handle, command)
         except MarketError as e:

@@ -236,22 +236,12 @@ class _TextUsageBatch(TypedDict):
 
 
 @with_config(ConfigDict(extra="forbid", strict=False))
-class _TextUsageReportData(TypedDict):
-    lease_id: str
+class _TextUsageReportData(_TextBatchedUsage):
+    """A single report's data as the fast path reads it: a batched report's fields, the
+    node's id and the signature (key order does not matter: the signature covers the
+    sorted-key JSON, and the report is taken field by field)."""
+
     node_id: str
-    sequence: _JsonSequence
-    interval_start: str
-    interval_end: str
-    gpu_count: _JsonGpuCount
-    wall_time_us: _JsonCounter
-    device_time_us: _JsonCounter
-    flops: _JsonCounter
-    samples: _JsonCounter
-    tokens: _JsonCounter
-    steps: _JsonCounter
-    peak_memory_bytes: _JsonCounter
-    workload: Text
-    device: Text
     signature: NotRequired[Signature | None]
 
 

@@ -476,9 +476,9 @@ class MarketState:
     versions: MutableMapping[UUID, int] = field(default_factory=dict)
     node_provider: MutableMapping[UUID, UUID] = field(default_factory=dict)
     node_keys: MutableMapping[str, UUID] = field(default_factory=dict)
+    """Node signing key -> the provider that listed it (keys are unique across providers)."""
     operator_addresses: MutableMapping[str, UUID] = field(default_factory=dict)
     """Operator address (lower case) -> the provider registered with it."""
-    """Node signing key -> the provider that listed it (keys are unique across providers)."""
     leases_by_node: MutableMapping[UUID, tuple[UUID, ...]] = field(default_factory=dict)
     order_models: MutableMapping[UUID, str] = field(default_factory=dict)
     """Order (ask or bid) id -> the GPU model of its book."""

@@ -37,7 +37,7 @@ from tests.integration.test_ingest import (  # noqa: F401 (the fixtures)
 )
 from tests.market import Market, uid
 from workers.gpu_worker import NodeReporter
-from workers.ingest import Ingest
+from workers.ingest import Ingest, _Batch
 from workers.messages import (
     BATCH_REPORTS_MAX,
     MESSAGE_BYTES_MAX,
@@ -242,6 +242,7 @@ def test_a_signature_checked_in_a_decode_process_counts_only_under_the_nodes_key
     ingest = Ingest("127.0.0.1:9", "g-keys", usage, ingest_service)
     topic = ingest.topics.usage.name
     start = market.clock.now
+    batch = _Batch(0)
 
     def record(value: bytes) -> ConsumerRecord[bytes, bytes]:
         return ConsumerRecord(
@@ -258,14 +259,20 @@ def test_a_signature_checked_in_a_decode_process_counts_only_under_the_nodes_key
     forged = batch_value("n-keys", [report(lease_id, 1, start)], signer="someone-else")
     covered = canonical_bytes(orjson.loads(genuine)["data"])
     # Checked there against the node's key: taken as it is.
-    assert ingest._checked_signature(decoded(genuine, "n-keys"), record(genuine)) == (b"", True)
-    assert ingest._checked_signature(decoded(forged, "n-keys"), record(forged)) is None
+    assert ingest._checked_signature(batch, decoded(genuine, "n-keys"), record(genuine)) == (
+        b"",
+        True,
+    )
+    assert ingest._checked_signature(batch, decoded(forged, "n-keys"), record(forged)) is None
     # No key given: the bytes come back, for this process to check.
-    assert ingest._checked_signature(decoded(genuine, None), record(genuine)) == (covered, False)
+    assert ingest._checked_signature(batch, decoded(genuine, None), record(genuine)) == (
+        covered,
+        False,
+    )
     # Checked against a key the node no longer has (signed by it, and so "valid" there):
     # not taken; checked again here, where the node's key refuses it.
     stale = decoded(forged, "someone-else")
     assert stale.verified is True
-    signed, verified = ingest._checked_signature(stale, record(forged)) or (b"", True)
+    signed, verified = ingest._checked_signature(batch, stale, record(forged)) or (b"", True)
     assert not verified and signed == canonical_bytes(orjson.loads(forged)["data"])
     assert not verify_bytes(public_key(node_key("n-keys").public_key_hex), signed, stale.signature)
